@@ -10,11 +10,17 @@ import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as 
 from fastai.vision.all import *
 from fastai.callback.fp16 import MixedPrecision
 from .core import *
+from .data import *
+from .models import *
 from .metrics import *
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'cpu_bf16_supported', 'CPUMixedPrecision', 'resolve_precision', 'precision_cbs', 'save_checkpoint',
-           'load_checkpoint', 'RunRecorder', 'train_run', 'plot_history']
+__all__ = ['PRECISIONS', 'SEG_ARCHS', 'cpu_bf16_supported', 'CPUMixedPrecision', 'resolve_precision', 'precision_cbs',
+           'save_checkpoint', 'load_checkpoint', 'RunRecorder', 'train_run', 'plot_history', 'top5_accuracy',
+           'classifier_learner', 'seg_model', 'seg_learner', 'predict_masks', 'imagenet_dls', 'seg_dls', 'seg_pairs',
+           'detect_layout', 'UNet', 'ResNetUNet', 'resnet_course', 'resnet_dynamic_unet', 'load_encoder_weights',
+           'CLASSIFIER_WEIGHTS', 'BCEDiceLoss', 'BinaryDice', 'BinaryIoU', 'PixelAccuracy', 'seg_metrics', 'DataError',
+           'load_learner', 'Learner', 'DataLoaders']
 
 # %% ../nbs/05_learners.ipynb #31e59ce1
 def cpu_bf16_supported() -> bool:
@@ -216,3 +222,146 @@ def plot_history(history, # list of rows (dicts) or a DataFrame or a history.csv
     if fname is not None: atomic_write(Path(fname), lambda p: fig.savefig(p, dpi=90, format='png'))
     plt.close(fig)
     return fig
+
+# %% ../nbs/05_learners.ipynb #7f29f2d6
+def top5_accuracy(inp, targ):
+    "Share of items whose target is among the 5 highest-scored classes"
+    return top_k_accuracy(inp, targ, k=min(5, inp.shape[-1]))
+
+def _learner_cbs(precision, channels_last, cbs):
+    return L(precision_cbs(precision, channels_last=channels_last)) + L(cbs)
+
+def classifier_learner(data, # a Tiny ImageNet-layout folder, or DataLoaders from `imagenet_dls`
+                       wnids=None, # class ids to use (default: all of wnids.txt)
+                       size:int=128, # image size
+                       bs:int=128, # batch size
+                       pretrained=False, # False, True (the shipped classifier weights) or a path to a state dict
+                       label_smoothing:float=0.1, # label smoothing of the cross-entropy (0 for none)
+                       precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16' (see `precision_cbs`)
+                       channels_last:bool=False, # channels-last memory format under CPU bf16
+                       cbs=None, # extra callbacks
+                       dls_kwargs:dict=None, # more arguments for `imagenet_dls`
+                       **kwargs # passed to `Learner`
+                      ) -> Learner:
+    "A fastai `Learner` for the custom ResNet classifier"
+    dls = data if isinstance(data, DataLoaders) else imagenet_dls(data, wnids=wnids, size=size, bs=bs, **(dls_kwargs or {}))
+    model = resnet_course(pretrained=pretrained, num_classes=len(dls.vocab))
+    loss = LabelSmoothingCrossEntropyFlat(eps=label_smoothing) if label_smoothing else CrossEntropyLossFlat()
+    kwargs.setdefault('path', project_root()); kwargs.setdefault('opt_func', Adam)
+    return Learner(dls, model, loss_func=loss, metrics=[accuracy, top5_accuracy],
+                   cbs=_learner_cbs(precision, channels_last, cbs), **kwargs)
+
+# %% ../nbs/05_learners.ipynb #56913c6d
+SEG_ARCHS = ('unet', 'dynamic_unet', 'resnet_unet')
+
+def _check_arch(arch, pretrained):
+    if arch not in SEG_ARCHS: raise DataError(f"arch must be one of {SEG_ARCHS}, got {arch!r}")
+    if arch == 'unet' and pretrained:
+        raise DataError("the plain U-Net has no ResNet encoder: pretrained must be False for arch='unet'")
+
+def seg_model(arch:str='unet', # one of `SEG_ARCHS`
+              pretrained=False, # False, True (shipped classifier weights) or a path to a classifier state dict
+              img_size=(128, 128)): # training size, used by DynamicUnet to lay out its decoder
+    "The U-Net `arch` with 1 output channel (logits)"
+    _check_arch(arch, pretrained)
+    if arch == 'unet': return UNet(n_out=1)
+    if arch == 'dynamic_unet': return resnet_dynamic_unet(pretrained=pretrained, n_out=1, img_size=tuple(img_size))
+    return ResNetUNet(pretrained=pretrained, n_out=1)
+
+def seg_learner(data, # a segmentation dataset folder (any layout `seg_dls` reads), or DataLoaders from `seg_dls`
+                arch:str='unet', # one of `SEG_ARCHS`
+                pretrained=False, # False, True (shipped classifier weights) or a path to a classifier state dict
+                size=128, # image size: int or (h, w)
+                bs:int=16, # batch size
+                bce_weight:float=0.5, # weight of BCE in the loss
+                dice_weight:float=0.5, # weight of soft Dice in the loss
+                precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16' (see `precision_cbs`)
+                channels_last:bool=False, # channels-last memory format under CPU bf16
+                cbs=None, # extra callbacks
+                dls_kwargs:dict=None, # more arguments for `seg_dls` (layout, valid_pct, seed, valid_ids, ...)
+                **kwargs # passed to `Learner`
+               ) -> Learner:
+    "A fastai `Learner` for a 1-channel U-Net with BCE+Dice loss and whole-set Dice, IoU and pixel accuracy"
+    _check_arch(arch, pretrained)  # before any data is read
+    dls = data if isinstance(data, DataLoaders) else seg_dls(data, size=size, bs=bs, **(dls_kwargs or {}))
+    img_size = tuple(dls.one_batch()[0].shape[-2:]) if isinstance(data, DataLoaders) else ((size, size) if isinstance(size, int) else tuple(size))
+    model = seg_model(arch, pretrained, img_size)
+    kwargs.setdefault('path', project_root()); kwargs.setdefault('opt_func', Adam)
+    if arch != 'unet': kwargs.setdefault('splitter', unet_splitter)
+    learn = Learner(dls, model, loss_func=BCEDiceLoss(bce_weight, dice_weight), metrics=seg_metrics(),
+                    cbs=_learner_cbs(precision, channels_last, cbs), **kwargs)
+    learn.img_size, learn.arch = img_size, arch
+    if pretrained: learn.freeze()
+    return learn
+
+# %% ../nbs/05_learners.ipynb #86aad4ad
+def _norm_stats(learn):
+    "The mean and std of the `Normalize` in the learner's batch pipeline, or None"
+    for t in learn.dls.after_batch.fs:
+        if isinstance(t, Normalize): return t.mean.cpu().float(), t.std.cpu().float()
+    return None
+
+def _as_pil(item):
+    if isinstance(item, Image.Image): return item.convert('RGB')
+    if isinstance(item, np.ndarray):
+        if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
+            raise DataError(f"image arrays must be h×w×3 uint8, got shape {item.shape} and dtype {item.dtype}")
+        return Image.fromarray(item)
+    return open_image(item, 'RGB')
+
+def _img_tensor(im:Image.Image, hw=None) -> Tensor:
+    "RGB PIL image (resized to `hw` = (h, w) like the data pipeline) as a 1×3×h×w float tensor in [0, 1]"
+    if hw is not None and im.size != (hw[1], hw[0]): im = im.resize((hw[1], hw[0]), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None].float()/255.
+
+@torch.no_grad()
+def _probs(learn, x:Tensor) -> Tensor:
+    "Rock probabilities (n×h×w) of the learner's model for [0, 1] images `x` (n×3×h×w)"
+    st = _norm_stats(learn)
+    if st is not None: x = (x - st[0].view(1, -1, 1, 1))/st[1].view(1, -1, 1, 1)
+    dev = next(learn.model.parameters()).device
+    learn.model.eval()
+    bf16 = dev.type == 'cpu' and any(isinstance(cb, CPUMixedPrecision) for cb in learn.cbs)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+        out = learn.model(x.to(dev))
+    return torch.sigmoid(out.float()[:, 0]).cpu()
+
+def _tile_starts(n, t):
+    "Start offsets of tiles of size `t` covering `n` with at least a quarter overlap"
+    if n <= t: return [0]
+    k = math.ceil((n - t)/(t*3/4)) + 1
+    return sorted({round(i*(n - t)/(k - 1)) for i in range(k)})
+
+def predict_masks(learn:Learner, # a segmentation learner (from `seg_learner` or `load_learner`)
+                  items, # image files, PIL images or h×w×3 uint8 arrays (or one of them)
+                  mode:str='resize', # 'resize' or 'tile' (see above)
+                  thresh:float=0.5, # probability above which a pixel is rock
+                  probs:bool=False, # return probabilities instead of 0/1 masks
+                 ) -> list:
+    "Rock masks (h×w uint8 0/1, or float probabilities) of `items` at their own full size"
+    if mode not in ('resize', 'tile'): raise DataError(f"mode must be 'resize' or 'tile', got {mode!r}")
+    single = not isinstance(items, (list, tuple, L))
+    hw = tuple(getattr(learn, 'img_size', None) or learn.dls.one_batch()[0].shape[-2:])
+    res = []
+    for it in ([items] if single else items):
+        im = _as_pil(it); W, H = im.size
+        if mode == 'resize':
+            p = _probs(learn, _img_tensor(im, hw))
+            p = F.interpolate(p[None], size=(H, W), mode='bilinear', align_corners=False)[0, 0]
+        else:
+            x = _img_tensor(im)
+            ph, pw = max(0, hw[0] - H), max(0, hw[1] - W)
+            if ph or pw: x = F.pad(x, (0, pw, 0, ph), mode='replicate')
+            acc, cnt = torch.zeros(x.shape[-2:]), torch.zeros(x.shape[-2:])
+            for y0 in _tile_starts(x.shape[-2], hw[0]):
+                for x0 in _tile_starts(x.shape[-1], hw[1]):
+                    acc[y0:y0+hw[0], x0:x0+hw[1]] += _probs(learn, x[..., y0:y0+hw[0], x0:x0+hw[1]])[0]
+                    cnt[y0:y0+hw[0], x0:x0+hw[1]] += 1
+            p = (acc/cnt)[:H, :W]
+        res.append(p.numpy() if probs else (p > thresh).numpy().astype(np.uint8))
+    return res[0] if single else res
+
+# %% ../nbs/05_learners.ipynb #11dc499b
+_all_ = ['imagenet_dls', 'seg_dls', 'seg_pairs', 'detect_layout', 'UNet', 'ResNetUNet', 'resnet_course',
+         'resnet_dynamic_unet', 'load_encoder_weights', 'CLASSIFIER_WEIGHTS', 'BCEDiceLoss', 'BinaryDice', 'BinaryIoU',
+         'PixelAccuracy', 'seg_metrics', 'DataError', 'load_learner', 'Learner', 'DataLoaders']
