@@ -5,11 +5,13 @@
 # %% ../nbs/99_cli.ipynb #5f11f63a
 from __future__ import annotations
 import sys
-from fastcore.script import call_parse, anno_parser
+from fastcore.script import call_parse, anno_parser, store_true
+from pathlib import Path
 import moonfast
+from .core import DataError
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'register', 'usage', 'main']
+__all__ = ['SUBCOMMANDS', 'register', 'usage', 'main', 'synth', 'train_classifier', 'train_unet', 'compare', 'predict']
 
 # %% ../nbs/99_cli.ipynb #df91d662
 SUBCOMMANDS = {}  # name -> (call_parse function, one-line summary)
@@ -47,5 +49,132 @@ def main(argv:list=None) -> int:
     func = getattr(SUBCOMMANDS[name][0], '__wrapped__', SUBCOMMANDS[name][0])
     args = anno_parser(func, prog=f"moonfast {name}").parse_args(argv[1:]).__dict__
     for k in ('pdb', 'xtra'): args.pop(k, None)  # fastcore's own debugging switches
-    res = func(**args)
+    try: res = func(**args)
+    except DataError as e:  # bad input: say what and where, without a traceback
+        print(f"moonfast {name}: error: {e}", file=sys.stderr)
+        return 1
     return res if isinstance(res, int) and not isinstance(res, bool) else 0
+
+# %% ../nbs/99_cli.ipynb #7e9cd53b
+def _path(p): return None if p in (None, '') else Path(p)
+
+@call_parse
+def synth(n:int=1000, # number of lunar render/mask pairs
+          dest:str=None, # output folder (default data/moon-synth)
+          seed:int=0, # dataset seed
+          width:int=720, # render width
+          height:int=480, # render height
+          workers:int=2, # processes
+          tiny:store_true=False, # instead, write the small procedural classification set (data/tiny-synth)
+          overwrite:store_true=False): # replace a set made with other parameters
+    "Generate the procedural lunar segmentation set (or, with --tiny, the procedural classification set)"
+    from moonfast.synth import make_lunar_dataset, make_tiny_classes
+    out = (make_tiny_classes(_path(dest), seed=seed, overwrite=overwrite) if tiny else
+           make_lunar_dataset(_path(dest), n=n, seed=seed, size=(width, height), n_workers=workers, overwrite=overwrite))
+    print(f"wrote {out}")
+
+@call_parse
+def train_classifier(data:str=None, # Tiny ImageNet folder (default data/tiny-imagenet-200, else ../shared/data/tiny-imagenet-10)
+                     epochs:int=30, # epochs
+                     lr:float=3e-3, # peak learning rate (one-cycle)
+                     bs:int=128, # batch size
+                     size:int=128, # image size
+                     seed:int=42, # random seed
+                     all_classes:store_true=False, # all classes of wnids.txt instead of the course's 10
+                     out:str=None, # run folder (default models/runs/classifier)
+                     ship:store_true=False, # copy the best weights to models/classifier-tiny10.pth (used by pretrained U-Nets)
+                     resume:store_true=False, # continue an interrupted run in `out`
+                     precision:str='auto'): # auto, fp32, bf16 or fp16
+    "Train the custom ResNet classifier on Tiny ImageNet classes"
+    from moonfast.experiments import train_classifier as tc, DEFAULT_CLASSES
+    from moonfast.core import models_path
+    learn = tc(_path(data), wnids=None if all_classes else DEFAULT_CLASSES, epochs=epochs, lr=lr, bs=bs, size=size,
+               seed=seed, run_dir=_path(out), ship=ship, resume=resume, precision=precision)
+    rd = _path(out) or models_path('runs', 'classifier')
+    print(f"run recorded in {rd} (history.csv, summary.json, best.pth, curves.png)" + (" and shipped to models/" if ship else ""))
+
+@call_parse
+def train_unet(data:str=None, # segmentation dataset folder (default: the generated set, made if missing)
+               arch:str='unet', # unet, dynamic_unet or resnet_unet
+               pretrained:str='', # encoder weights: '' (none), 'shipped' (models/classifier-tiny10.pth) or a path
+               frozen:store_true=False, # variant A: keep the pretrained encoder frozen for all epochs
+               freeze_epochs:int=0, # variant B: epochs with the encoder frozen before unfreezing
+               epochs:int=10, # total epochs
+               lr:float=3e-3, # peak learning rate (one-cycle)
+               bs:int=16, # batch size
+               size:int=128, # image size
+               seed:int=0, # random seed
+               out:str=None, # run folder (default models/runs/<arch>)
+               resume:store_true=False, # continue an interrupted run in `out`
+               export:store_true=False, # also export the learner to <out>/export.pkl (a pickle: trusted use only)
+               precision:str='auto'): # auto, fp32, bf16 or fp16
+    "Train one U-Net; the run (history, summary, best weights, curves) is recorded in its folder"
+    from moonfast.experiments import run_seg
+    from moonfast.data import seg_dls
+    from moonfast.synth import make_lunar_dataset
+    from moonfast.core import models_path, DataError
+    from moonfast.learners import _check_arch
+    pre = {'': False, 'shipped': True}.get(pretrained, pretrained)
+    _check_arch(arch, pre)  # before any data is generated or read
+    if (frozen or freeze_epochs) and not pre: raise DataError("--frozen/--freeze_epochs need --pretrained (shipped or a path)")
+    variant = 'A' if frozen else 'B' if freeze_epochs else 'scratch'
+    path = _path(data) or make_lunar_dataset()
+    rd = _path(out) or models_path('runs', arch)
+    learn, s = run_seg(seg_dls(path, size=size, bs=bs), arch, pre, variant, epochs, lr, seed, rd,
+                       freeze_epochs or None, precision, resume=resume, meta={'data': str(path), 'bs': bs})
+    if export: learn.export(rd/'export.pkl')
+    b = s['best']
+    print(f"best epoch {s['best_epoch']+1}: dice {b['dice']:.4f} iou {b['iou']:.4f} pixel_acc {b['pixel_acc']:.4f}; run in {rd}")
+
+@call_parse
+def compare(data:str=None, # segmentation dataset folder (default: the generated set, 1000 pairs, made if missing)
+            out:str=None, # output folder (default models/compare)
+            epochs:int=4, # epochs of every run
+            seeds:int=3, # number of training seeds (0, 1, ...)
+            configs:str='', # comma-separated configurations (default: all; see moonfast.experiments.COMPARISON)
+            n:int=1000, # pairs to generate when no data is given
+            lr:float=3e-3, # peak learning rate
+            bs:int=16, # batch size
+            size:int=128, # image size
+            pretrained:str='shipped', # classifier weights for the pretrained variants: 'shipped' or a path
+            precision:str='auto'): # auto, fp32, bf16 or fp16
+    "Train and compare the U-Nets (plain, DynamicUnet, course ResNet-U-Net; scratch / pretrained A / B) over seeds"
+    from moonfast.experiments import compare as cmp
+    from moonfast.core import models_path
+    o = _path(out) or models_path('compare')
+    t = cmp(_path(data), o, epochs=epochs, seeds=tuple(range(seeds)), configs=[c for c in configs.split(',') if c] or None,
+            n=n, lr=lr, bs=bs, size=size, pretrained=True if pretrained == 'shipped' else Path(pretrained), precision=precision)
+    print((o/'results.md').read_text())
+    print(f"results in {o}: results.md, results.csv, runs.csv, curves.png, samples-*.png, runs/")
+
+@call_parse
+def predict(model:str, # a run folder (from train-unet/compare), a .pth state dict (with --arch) or an exported .pkl (trusted only)
+            images:str, # an image file or a folder of images
+            out:str='masks', # folder for the masks
+            arch:str=None, # architecture of a bare .pth state dict
+            size:int=128, # training size of a bare .pth state dict
+            mode:str='resize', # resize or tile
+            thresh:float=0.5, # probability threshold
+            overlay:store_true=False): # also write <name>_overlay.png: the image with rocks tinted
+    "Predict rock masks (PNG, 0/255, at each image's own size) for images"
+    import numpy as np
+    from PIL import Image
+    from fastprogress.fastprogress import progress_bar
+    from moonfast.learners import load_predictor, predict_masks
+    from moonfast.data import image_files
+    from moonfast.core import DataError, atomic_write
+    pr, src, o = load_predictor(model, arch, size), Path(images), Path(out)
+    files = image_files(src) if src.is_dir() else [src]
+    if not files: raise DataError(f"no images found in {src}: expected image files (png, jpg, ...)")
+    o.mkdir(parents=True, exist_ok=True)
+    for f in progress_bar(files):
+        m = predict_masks(pr, f, mode=mode, thresh=thresh)
+        atomic_write(o/f'{f.stem}_mask.png', lambda p: Image.fromarray(m*255).save(p, format='PNG'))
+        if overlay:
+            im = np.asarray(Image.open(f).convert('RGB')).astype(np.float32)
+            im[m == 1] = 0.5*im[m == 1] + 0.5*np.array([255, 60, 0])
+            atomic_write(o/f'{f.stem}_overlay.png', lambda p: Image.fromarray(im.astype(np.uint8)).save(p, format='PNG'))
+    print(f"wrote {len(files)} mask(s) to {o}")
+
+for _n, _f in (('synth', synth), ('train-classifier', train_classifier), ('train-unet', train_unet),
+               ('compare', compare), ('predict', predict)): register(_n, _f)

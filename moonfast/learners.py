@@ -17,10 +17,10 @@ from .metrics import *
 # %% auto #0
 __all__ = ['PRECISIONS', 'SEG_ARCHS', 'cpu_bf16_supported', 'CPUMixedPrecision', 'resolve_precision', 'precision_cbs',
            'save_checkpoint', 'load_checkpoint', 'RunRecorder', 'train_run', 'plot_history', 'top5_accuracy',
-           'classifier_learner', 'seg_model', 'seg_learner', 'predict_masks', 'imagenet_dls', 'seg_dls', 'seg_pairs',
-           'detect_layout', 'UNet', 'ResNetUNet', 'resnet_course', 'resnet_dynamic_unet', 'load_encoder_weights',
-           'CLASSIFIER_WEIGHTS', 'BCEDiceLoss', 'BinaryDice', 'BinaryIoU', 'PixelAccuracy', 'seg_metrics', 'DataError',
-           'load_learner', 'Learner', 'DataLoaders']
+           'classifier_learner', 'seg_model', 'seg_learner', 'Predictor', 'predict_masks', 'load_predictor',
+           'imagenet_dls', 'seg_dls', 'seg_pairs', 'detect_layout', 'UNet', 'ResNetUNet', 'resnet_course',
+           'resnet_dynamic_unet', 'load_encoder_weights', 'CLASSIFIER_WEIGHTS', 'BCEDiceLoss', 'BinaryDice',
+           'BinaryIoU', 'PixelAccuracy', 'seg_metrics', 'DataError', 'load_learner', 'Learner', 'DataLoaders']
 
 # %% ../nbs/05_learners.ipynb #31e59ce1
 def cpu_bf16_supported() -> bool:
@@ -63,7 +63,7 @@ def resolve_precision(precision:str='auto') -> str:
     return 'bf16' if cpu_bf16_supported() else 'fp32'
 
 def precision_cbs(precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16'
-                  channels_last:bool=False, # channels-last memory format (CPU bf16 only)
+                  channels_last:bool=True, # channels-last memory format (CPU bf16 only)
                   cuda:bool=None): # whether training runs on CUDA (default: `torch.cuda.is_available()`)
     "The mixed-precision callbacks for `precision` on this machine"
     p = resolve_precision(precision)
@@ -179,8 +179,9 @@ def train_run(learn:Learner, # the learner to train
     phases = _phases(epochs, lr, freeze_epochs, frozen, lr_mult)
     if monitor is None: monitor = learn.metrics[0].name if len(learn.metrics) else 'valid_loss'
     if resume and run_dir is None: raise DataError("resume=True needs the run_dir of the run to resume")
+    auto = {k: v for k, v in (('arch', getattr(learn, 'arch', None)), ('size', getattr(learn, 'img_size', None))) if v is not None}
     rec = RunRecorder(run_dir, monitor, meta={'epochs': epochs, 'lr': lr, 'freeze_epochs': freeze_epochs,
-                                              'frozen': frozen, **(meta or {})}) if run_dir is not None else None
+                                              'frozen': frozen, **auto, **(meta or {})}) if run_dir is not None else None
     start_phase, start_epoch = 0, 0
     if resume:
         ckpt = load_checkpoint(Path(run_dir)/'last.pth')
@@ -238,7 +239,7 @@ def classifier_learner(data, # a Tiny ImageNet-layout folder, or DataLoaders fro
                        pretrained=False, # False, True (the shipped classifier weights) or a path to a state dict
                        label_smoothing:float=0.1, # label smoothing of the cross-entropy (0 for none)
                        precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16' (see `precision_cbs`)
-                       channels_last:bool=False, # channels-last memory format under CPU bf16
+                       channels_last:bool=True, # channels-last memory format under CPU bf16
                        cbs=None, # extra callbacks
                        dls_kwargs:dict=None, # more arguments for `imagenet_dls`
                        **kwargs # passed to `Learner`
@@ -276,7 +277,7 @@ def seg_learner(data, # a segmentation dataset folder (any layout `seg_dls` read
                 bce_weight:float=0.5, # weight of BCE in the loss
                 dice_weight:float=0.5, # weight of soft Dice in the loss
                 precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16' (see `precision_cbs`)
-                channels_last:bool=False, # channels-last memory format under CPU bf16
+                channels_last:bool=True, # channels-last memory format under CPU bf16
                 cbs=None, # extra callbacks
                 dls_kwargs:dict=None, # more arguments for `seg_dls` (layout, valid_pct, seed, valid_ids, ...)
                 **kwargs # passed to `Learner`
@@ -314,17 +315,32 @@ def _img_tensor(im:Image.Image, hw=None) -> Tensor:
     if hw is not None and im.size != (hw[1], hw[0]): im = im.resize((hw[1], hw[0]), Image.BILINEAR)
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None].float()/255.
 
-@torch.no_grad()
-def _probs(learn, x:Tensor) -> Tensor:
-    "Rock probabilities (n×h×w) of the learner's model for [0, 1] images `x` (n×3×h×w)"
-    st = _norm_stats(learn)
-    if st is not None: x = (x - st[0].view(1, -1, 1, 1))/st[1].view(1, -1, 1, 1)
-    dev = next(learn.model.parameters()).device
-    learn.model.eval()
-    bf16 = dev.type == 'cpu' and any(isinstance(cb, CPUMixedPrecision) for cb in learn.cbs)
-    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-        out = learn.model(x.to(dev))
-    return torch.sigmoid(out.float()[:, 0]).cpu()
+class Predictor:
+    "What inference needs: a model, its training size, its input normalisation and whether it runs in CPU bf16"
+    def __init__(self, model:nn.Module, # a 1-channel-logit segmentation model
+                 size=128, # training size: int or (h, w)
+                 stats=imagenet_stats, # (mean, std) of the input normalisation, or None
+                 bf16:bool=None): # run under CPU bf16 autocast (default: when the CPU supports it)
+        self.model, self.hw = model, ((size, size) if isinstance(size, int) else tuple(size))
+        self.stats = None if stats is None else tuple(torch.as_tensor(s).float().view(1, -1, 1, 1) for s in stats)
+        self.bf16 = resolve_precision() == 'bf16' if bf16 is None else bf16
+
+    @classmethod
+    def from_learner(cls, learn:Learner):
+        "The `Predictor` of a segmentation learner"
+        hw = tuple(getattr(learn, 'img_size', None) or learn.dls.one_batch()[0].shape[-2:])
+        st = _norm_stats(learn)
+        return cls(learn.model, hw, st, bf16=any(isinstance(cb, CPUMixedPrecision) for cb in learn.cbs))
+
+    @torch.no_grad()
+    def probs(self, x:Tensor) -> Tensor:
+        "Rock probabilities (n×h×w) for [0, 1] images `x` (n×3×h×w)"
+        if self.stats is not None: x = (x - self.stats[0])/self.stats[1]
+        dev = next(self.model.parameters()).device
+        self.model.eval()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=self.bf16 and dev.type == 'cpu'):
+            out = self.model(x.to(dev))
+        return torch.sigmoid(out.float()[:, 0]).cpu()
 
 def _tile_starts(n, t):
     "Start offsets of tiles of size `t` covering `n` with at least a quarter overlap"
@@ -332,7 +348,7 @@ def _tile_starts(n, t):
     k = math.ceil((n - t)/(t*3/4)) + 1
     return sorted({round(i*(n - t)/(k - 1)) for i in range(k)})
 
-def predict_masks(learn:Learner, # a segmentation learner (from `seg_learner` or `load_learner`)
+def predict_masks(learn, # a segmentation `Learner` (from `seg_learner` or `load_learner`) or a `Predictor`
                   items, # image files, PIL images or h×w×3 uint8 arrays (or one of them)
                   mode:str='resize', # 'resize' or 'tile' (see above)
                   thresh:float=0.5, # probability above which a pixel is rock
@@ -340,13 +356,13 @@ def predict_masks(learn:Learner, # a segmentation learner (from `seg_learner` or
                  ) -> list:
     "Rock masks (h×w uint8 0/1, or float probabilities) of `items` at their own full size"
     if mode not in ('resize', 'tile'): raise DataError(f"mode must be 'resize' or 'tile', got {mode!r}")
+    pr = learn if isinstance(learn, Predictor) else Predictor.from_learner(learn)
     single = not isinstance(items, (list, tuple, L))
-    hw = tuple(getattr(learn, 'img_size', None) or learn.dls.one_batch()[0].shape[-2:])
-    res = []
+    hw, res = pr.hw, []
     for it in ([items] if single else items):
         im = _as_pil(it); W, H = im.size
         if mode == 'resize':
-            p = _probs(learn, _img_tensor(im, hw))
+            p = pr.probs(_img_tensor(im, hw))
             p = F.interpolate(p[None], size=(H, W), mode='bilinear', align_corners=False)[0, 0]
         else:
             x = _img_tensor(im)
@@ -355,13 +371,32 @@ def predict_masks(learn:Learner, # a segmentation learner (from `seg_learner` or
             acc, cnt = torch.zeros(x.shape[-2:]), torch.zeros(x.shape[-2:])
             for y0 in _tile_starts(x.shape[-2], hw[0]):
                 for x0 in _tile_starts(x.shape[-1], hw[1]):
-                    acc[y0:y0+hw[0], x0:x0+hw[1]] += _probs(learn, x[..., y0:y0+hw[0], x0:x0+hw[1]])[0]
+                    acc[y0:y0+hw[0], x0:x0+hw[1]] += pr.probs(x[..., y0:y0+hw[0], x0:x0+hw[1]])[0]
                     cnt[y0:y0+hw[0], x0:x0+hw[1]] += 1
             p = (acc/cnt)[:H, :W]
         res.append(p.numpy() if probs else (p > thresh).numpy().astype(np.uint8))
     return res[0] if single else res
 
-# %% ../nbs/05_learners.ipynb #11dc499b
+def load_predictor(run, # a run folder (summary.json + best.pth, as `train_run` writes) or an exported learner (.pkl)
+                   arch:str=None, # the architecture, when `run` is a bare state dict (.pth)
+                   size=128): # training size, when `run` is a bare state dict
+    "A `Predictor` from a recorded run, a state dict (`weights_only=True`), or an exported learner (trusted files only)"
+    run = Path(run)
+    if not run.exists(): raise DataError(f"{run} does not exist: expected a run folder, a .pth state dict or an exported .pkl")
+    if run.is_dir():
+        f = run/'summary.json'
+        if not f.exists() or not (run/'best.pth').exists():
+            raise DataError(f"{run} is not a finished run folder: expected summary.json and best.pth in it")
+        s = json.loads(f.read_text())
+        arch, size, run = s.get('arch', arch), s.get('size', size), run/'best.pth'
+    if run.suffix == '.pkl': return Predictor.from_learner(load_learner(run))
+    if arch is None: raise DataError(f"{run} is a bare state dict: say which architecture it is (one of {SEG_ARCHS})")
+    model = seg_model(arch, img_size=(size, size) if isinstance(size, int) else tuple(size))
+    try: model.load_state_dict(torch.load(run, map_location='cpu', weights_only=True))
+    except Exception as e: raise DataError(f"{run} does not hold {arch!r} weights: {str(e)[:500]}") from None
+    return Predictor(model, size)
+
+# %% ../nbs/05_learners.ipynb #9d069191
 _all_ = ['imagenet_dls', 'seg_dls', 'seg_pairs', 'detect_layout', 'UNet', 'ResNetUNet', 'resnet_course',
          'resnet_dynamic_unet', 'load_encoder_weights', 'CLASSIFIER_WEIGHTS', 'BCEDiceLoss', 'BinaryDice', 'BinaryIoU',
          'PixelAccuracy', 'seg_metrics', 'DataError', 'load_learner', 'Learner', 'DataLoaders']
