@@ -49,6 +49,8 @@ def atomic_write(path, # the file to write
     os.close(fd)
     try:
         write_fn(Path(tmp))
+        umask = os.umask(0); os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the permissions of a normal file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.remove(tmp)
