@@ -11,7 +11,7 @@ import moonfast
 from .core import DataError
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'register', 'usage', 'main', 'synth', 'train_classifier', 'train_unet', 'compare', 'predict']
+__all__ = ['SUBCOMMANDS', 'register', 'usage', 'main', 'synth', 'train_classifier', 'train_unet', 'compare', 'predict', 'bench']
 
 # %% ../nbs/99_cli.ipynb #df91d662
 SUBCOMMANDS = {}  # name -> (call_parse function, one-line summary)
@@ -176,5 +176,23 @@ def predict(model:str, # a run folder (from train-unet/compare), a .pth state di
             atomic_write(o/f'{f.stem}_overlay.png', lambda p: Image.fromarray(im.astype(np.uint8)).save(p, format='PNG'))
     print(f"wrote {len(files)} mask(s) to {o}")
 
+@call_parse
+def bench(tasks:str='classifier,unet', # comma-separated: classifier, unet
+          out:str=None, # output folder (default models/bench)
+          epochs:int=3, # interleaved training epochs per side
+          reps:int=3, # repetitions of the pure-step and inference timings
+          max_per_class:int=None, # classifier: fewer training images per class (quick runs)
+          threads:int=None): # torch threads for the run (default: torch's own setting)
+    "Benchmark training and inference speed of moonfast against a plain-PyTorch fp32 baseline, side by side"
+    from moonfast.bench import run_benchmark, TASKS
+    from moonfast.core import models_path
+    o, ts = _path(out) or models_path('bench'), tuple(t for t in tasks.split(',') if t)
+    bad = [t for t in ts if t not in TASKS]
+    if bad or not ts: raise DataError(f"--tasks {tasks!r}: expected a comma-separated list of {TASKS}")
+    run_benchmark(ts, out=o, epochs=epochs, reps=reps,
+                  max_per_class=max_per_class, threads=threads)
+    print((o/'results.md').read_text())
+    print(f"results in {o}")
+
 for _n, _f in (('synth', synth), ('train-classifier', train_classifier), ('train-unet', train_unet),
-               ('compare', compare), ('predict', predict)): register(_n, _f)
+               ('compare', compare), ('predict', predict), ('bench', bench)): register(_n, _f)
