@@ -18,7 +18,7 @@ __all__ = ['IMG_EXTS', 'default_cache', 'SEG_LAYOUTS', 'image_files', 'open_imag
            'time_epoch', 'imagenet_dls', 'binary_mask', 'kaggle_mask', 'detect_layout', 'fake_seg_dataset', 'norm_id',
            'seg_pairs', 'seg_batch_tfms', 'seg_dls']
 
-# %% ../nbs/01_data.ipynb #cd132858
+# %% ../nbs/01_data.ipynb #aaedf03b
 IMG_EXTS = ('.jpeg', '.jpg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 def image_files(folder) -> list[Path]:
@@ -38,7 +38,7 @@ def open_image(fn, # the image file
         raise DataError(f"cannot decode image file {fn}: expected a readable image file, got: {e}") from None
     return im.convert(mode) if mode is not None and im.mode != mode else im
 
-# %% ../nbs/01_data.ipynb #f211e65b
+# %% ../nbs/01_data.ipynb #054a0050
 class ItemCache:
     "Decoded items kept in memory, keyed by file and how it was decoded; stale when the file changes"
     def __init__(self, max_bytes:int=8*2**30): # stop adding items past this many bytes
@@ -75,7 +75,7 @@ def get_cache(cache) -> ItemCache|None:
     if isinstance(cache, ItemCache): return cache
     raise DataError(f"cache={cache!r}: expected True, False or an ItemCache")
 
-# %% ../nbs/01_data.ipynb #48f77552
+# %% ../nbs/01_data.ipynb #14dbfc5a
 def _hw(size):
     if size is None: return None
     h,w = (size,size) if isinstance(size, int) else tuple(size)
@@ -107,7 +107,7 @@ class LoadMask(Transform):
         t = self.cache.get(fn, ('mask', self.how, self.hw), self._load) if self.cache is not None else self._load(fn)
         return TensorMask(t)
 
-# %% ../nbs/01_data.ipynb #063f1f1e
+# %% ../nbs/01_data.ipynb #66dc0df4
 def _check_dir(path, what='dataset folder') -> Path:
     path = Path(path)
     if not path.is_dir(): raise DataError(f"{what} {path} does not exist: expected a folder")
@@ -139,7 +139,7 @@ def short_name(names:str) -> str:
     "The first of a words.txt entry's comma-separated names"
     return names.split(',')[0].strip()
 
-# %% ../nbs/01_data.ipynb #39e14582
+# %% ../nbs/01_data.ipynb #063873a4
 def fake_tiny_imagenet(dest, # folder to write into (created)
                        wnids=('n0001', 'n0002', 'n0003'), # class ids
                        n_train:int=8, # training images per class
@@ -164,7 +164,7 @@ def fake_tiny_imagenet(dest, # folder to write into (created)
     (dest/'val'/'val_annotations.txt').write_text('\n'.join(ann) + '\n')
     return dest
 
-# %% ../nbs/01_data.ipynb #81ffcee2
+# %% ../nbs/01_data.ipynb #75db8091
 def _check_wnids(path, wnids):
     all_w = read_wnids(path)
     if wnids is None: return all_w
@@ -205,7 +205,7 @@ def imagenet_items(path, # Tiny ImageNet folder (wnids.txt, words.txt, train/, v
     if not valid: raise DataError(f"{ann} has no images of classes {', '.join(wnids[:5])}: expected validation labels for them")
     return train, valid
 
-# %% ../nbs/01_data.ipynb #4d1bb94e
+# %% ../nbs/01_data.ipynb #adb05076
 class NamedCategory(Category):
     "A class id (equal to the id string) that shows as its readable `name`"
     name = None
@@ -220,7 +220,7 @@ class WnidCategorize(Categorize):
         c = NamedCategory(self.vocab[o]); c.name = self.names.get(str(c))
         return c
 
-# %% ../nbs/01_data.ipynb #0abce91a
+# %% ../nbs/01_data.ipynb #884e0dc6
 from fastai.vision.augment import _WarpCoord, find_coeffs
 
 def _base_grid(h, w, align_corners, device):
@@ -282,7 +282,7 @@ def fast_affine(tfms:list) -> list:
                                   mode_mask=t.mode_mask, align_corners=t.align_corners, p=t.p)
     return [conv(t) for t in tfms]
 
-# %% ../nbs/01_data.ipynb #736a30dd
+# %% ../nbs/01_data.ipynb #1658f0ba
 def _aug_kwargs(aug, **defaults):
     if aug is True: return defaults
     if isinstance(aug, dict): return {**defaults, **aug}
@@ -302,7 +302,7 @@ def cls_batch_tfms(size=128, # output size, int or (h, w)
             if isinstance(t, Normalize): t.order = 25
     return tfms
 
-# %% ../nbs/01_data.ipynb #aefce7b9
+# %% ../nbs/01_data.ipynb #d5df4bf2
 def check_batch(n_train:int, bs:int, where): # items in the training set, batch size, folder named in the message
     "`DataError` unless there is at least one full training batch (fastai drops the last partial one)"
     if bs < 1: raise DataError(f"bs={bs}: expected a batch size of at least 1")
@@ -310,14 +310,14 @@ def check_batch(n_train:int, bs:int, where): # items in the training set, batch 
         raise DataError(f"only {n_train} training items in {where} but bs={bs}: expected at least one full batch "
                         f"(lower bs or add data)")
 
-# %% ../nbs/01_data.ipynb #11cb8277
+# %% ../nbs/01_data.ipynb #a440a784
 def time_epoch(dl) -> float:
     "Seconds to iterate `dl` once, batch transforms included"
     t = time.perf_counter()
     for _ in dl: pass
     return time.perf_counter() - t
 
-# %% ../nbs/01_data.ipynb #82fbeb5e
+# %% ../nbs/01_data.ipynb #dbeec4ee
 def imagenet_dls(path, # Tiny ImageNet folder (wnids.txt, words.txt, train/, val/): the 10-class subset or all 200
                  wnids=None, # class ids to use (default: all of wnids.txt)
                  size=128, # output size of the batches, int or (h, w)
@@ -345,7 +345,7 @@ def imagenet_dls(path, # Tiny ImageNet folder (wnids.txt, words.txt, train/, val
     dls.class_names = [dls.wnid_names[w] for w in dls.vocab]
     return dls
 
-# %% ../nbs/01_data.ipynb #1257ca47
+# %% ../nbs/01_data.ipynb #a4a84843
 def binary_mask(arr, # mask pixels: h×w, or h×w×c with equal colour channels
                 fn='mask'): # file named in error messages
     "0/1 uint8 mask from a mask that holds only 0 and 255 (or 0 and 1); `DataError` names `fn` and the values found"
@@ -364,7 +364,7 @@ def binary_mask(arr, # mask pixels: h×w, or h×w×c with equal colour channels
     shown = ', '.join(map(str, vals[:8].tolist())) + (', ...' if len(vals) > 8 else '')
     raise DataError(f"{fn} is not a binary mask: expected only values 0 and 255 (or 0 and 1), found {len(vals)} values: {shown}")
 
-# %% ../nbs/01_data.ipynb #aeb94246
+# %% ../nbs/01_data.ipynb #56f994e7
 def kaggle_mask(arr, # RGB(A) colour-coded mask pixels, h×w×3
                 fn='mask', # file named in error messages
                 threshold:int=127): # rock where green or blue is above this
@@ -374,7 +374,7 @@ def kaggle_mask(arr, # RGB(A) colour-coded mask pixels, h×w×3
         raise DataError(f"{fn} has shape {a.shape}: expected an RGB colour mask (red sky, green/blue rocks, black ground)")
     return ((a[..., 1] > threshold) | (a[..., 2] > threshold)).astype(np.uint8)
 
-# %% ../nbs/01_data.ipynb #b388a0ac
+# %% ../nbs/01_data.ipynb #32fd5605
 SEG_LAYOUTS = ('binary', 'kaggle', 'folders')
 
 def _render_dirs(path, mask_dir=None):
@@ -404,7 +404,7 @@ def detect_layout(path, # dataset folder
     raise DataError(f"no segmentation layout found in {path}: looked for images/render with images/ground or images/clean "
                     f"(binary or Kaggle layout), or images/ with masks/ (folders layout)")
 
-# %% ../nbs/01_data.ipynb #27812630
+# %% ../nbs/01_data.ipynb #4bf0ec15
 def fake_seg_dataset(dest, # folder to write into (created)
                      n:int=6, # number of pairs
                      layout:str='binary', # 'binary', 'kaggle' or 'folders'
@@ -430,7 +430,7 @@ def fake_seg_dataset(dest, # folder to write into (created)
         else: Image.fromarray(rock.astype(np.uint8)*255).save(mdir/f"{mp}{i+1:04d}.png")
     return dest
 
-# %% ../nbs/01_data.ipynb #e2107351
+# %% ../nbs/01_data.ipynb #98943fa8
 def _stem_id(fn, prefix=''):
     s = Path(fn).stem
     return s[len(prefix):] if prefix and s.startswith(prefix) and len(s) > len(prefix) else s
@@ -480,7 +480,7 @@ def seg_pairs(path, # dataset folder
         raise DataError('unpaired files: ' + '; '.join(msg) + '; expected one mask per image, matched by id')
     return [(ims[k], mks[k]) for k in sorted(ims, key=_sort_key)]
 
-# %% ../nbs/01_data.ipynb #f2cef9a7
+# %% ../nbs/01_data.ipynb #5d832fbc
 def _draw_flips(x):
     "Per item: identity, horizontal flip, vertical flip or both (`dihedral_mat` indices 0, 1, 2, 4)"
     return tensor([0, 1, 2, 4], device=x.device)[torch.randint(0, 4, (x.size(0),), device=x.device)]
@@ -490,7 +490,7 @@ def seg_batch_tfms(aug=True): # `True`, `False`, or a dict of `aug_transforms` a
     tfms = aug_transforms(**_aug_kwargs(aug, do_flip=False, xtra_tfms=[Dihedral(p=1., draw=_draw_flips)])) if aug else []
     return fast_affine(tfms) + [Normalize.from_stats(*imagenet_stats)]
 
-# %% ../nbs/01_data.ipynb #a2a800b6
+# %% ../nbs/01_data.ipynb #75eba660
 def _valid_idx(pairs, valid_ids, valid_pct, seed, path):
     ids = [norm_id(_stem_id(a, 'render')) for a,_ in pairs]
     if valid_ids is None:

@@ -16,7 +16,7 @@ from .core import *
 # %% auto #0
 __all__ = ['lunar_scene', 'scene_seed', 'make_lunar_dataset', 'make_tiny_classes']
 
-# %% ../nbs/02_synth.ipynb #32394798
+# %% ../nbs/02_synth.ipynb #1663084c
 def _periodic_noise(rng, n=256, beta=2.0):
     "Two independent periodic Gaussian fields (n×n, unit std) with a 1/k^beta amplitude spectrum"
     k2 = np.fft.fftfreq(n)[:,None]**2 + np.fft.fftfreq(n)[None,:]**2
@@ -37,7 +37,7 @@ def _resize_noise(rng, shape, size, resample=Image.Resampling.BICUBIC):
     "Gaussian noise of `shape` (h, w) resized to `size` (w, h): smooth noise at the scale of one input cell"
     return np.asarray(Image.fromarray(rng.standard_normal(shape).astype(np.float32), 'F').resize(size, resample))
 
-# %% ../nbs/02_synth.ipynb #29a86f09
+# %% ../nbs/02_synth.ipynb #3b8b17fd
 _BUCKETS = np.array([2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768])
 
 def _patches(x0, y0, w, h, W, H):
@@ -59,7 +59,7 @@ def _harmonics(th, amp, ph):
     for k in range(amp.shape[1]): r = r + amp[:,k,None,None]*np.cos((k+2)*th + ph[:,k,None,None])
     return r
 
-# %% ../nbs/02_synth.ipynb #ef578f9b
+# %% ../nbs/02_synth.ipynb #fabe6e47
 def _scene_setup(rng, W, H):
     "Camera, sun and exposure of one scene, drawn from `rng`"
     f, hc, yh = W*rng.uniform(0.75, 1.05), 1.6, H*rng.uniform(0.22, 0.42)
@@ -73,7 +73,7 @@ def _scene_setup(rng, W, H):
                 amb=0.03*S[1], y0=y0, Hg=H-y0, Zrow=Zrow, Xg=Xg, Zg=np.broadcast_to(Zrow[:,None], Xg.shape),
                 d_near=Zrow[-1], d_max=min(f*hc/max(H*0.015, 1.), 400.))
 
-# %% ../nbs/02_synth.ipynb #715be188
+# %% ../nbs/02_synth.ipynb #52e27a5d
 def _ground_relief(rng, sc):
     "Slope shading term (Hg×W, same units as S[1]) and albedo (Hg×W) of the ground below the horizon"
     S, f, W = sc['S'], sc['f'], sc['W']
@@ -94,7 +94,7 @@ def _ground_relief(rng, sc):
     grain = 1 + rng.uniform(0.1, 0.25)*grain*np.clip(sc['d_near']*3/sc['Zrow'], 0.2, 1)[:,None]
     return rel, albedo*grain
 
-# %% ../nbs/02_synth.ipynb #00ecca8e
+# %% ../nbs/02_synth.ipynb #790c5703
 def _craters(rng, sc):
     "Extra shading term and interior darkening (both Hg×W) of the scene's craters"
     S, f, W, Hg, Xg, Zg = sc['S'], sc['f'], sc['W'], sc['Hg'], sc['Xg'], sc['Zg']
@@ -124,7 +124,7 @@ def _craters(rng, sc):
     shade, dark = [np.bincount(idx, np.concatenate(v), Hg*W).astype(np.float32).reshape(Hg, W) for v in (sh, dk)]
     return shade, np.clip(dark, 0, 1)
 
-# %% ../nbs/02_synth.ipynb #bfe5d615
+# %% ../nbs/02_synth.ipynb #44b02b65
 def _rocks(rng, sc):
     "Per-rock parameters (a dict of arrays, one entry per visible rock)"
     f, W, d_near, d_max = sc['f'], sc['W'], sc['d_near'], sc['d_max']
@@ -153,7 +153,7 @@ def _rocks(rng, sc):
     rk['bulge'] = sc['hc']*rk['a3']*np.sqrt(np.clip(1 - rk['vcut']**2, 0, 1))/(Z*rk['a2'])
     return rk
 
-# %% ../nbs/02_synth.ipynb #e9700390
+# %% ../nbs/02_synth.ipynb #c097932a
 def _cast_shadows(rk, sc):
     "Shadow strength in [0, 1] (Hg×W) that the rocks cast on the ground, and the rocks' footprints (Hg×W bool)"
     S, f, W, Hg, yh, hc, y0 = sc['S'], sc['f'], sc['W'], sc['Hg'], sc['yh'], sc['hc'], sc['y0']
@@ -188,7 +188,7 @@ def _cast_shadows(rk, sc):
         foot[(ys*W + xs)[ok & (c < 0)]] = True
     return shadow.reshape(Hg, W), foot.reshape(Hg, W)
 
-# %% ../nbs/02_synth.ipynb #e5eee4b0
+# %% ../nbs/02_synth.ipynb #08bcb903
 def _draw_rocks(rng, rk, sc, rad):
     "Draw the rocks into radiance image `rad` (H×W, in place); return the rock mask (H×W uint8, 0/1)"
     S, W, H = sc['S'], sc['W'], sc['H']
@@ -224,7 +224,7 @@ def _draw_rocks(rng, rk, sc, rad):
         mask[P[A >= 0.5]] = 1
     return mask.reshape(H, W)
 
-# %% ../nbs/02_synth.ipynb #4c491496
+# %% ../nbs/02_synth.ipynb #e2de3b4b
 def _hills(rng, sc):
     "Skyline height above the horizon row (W,) in pixels and the hills' radiance (H×W)"
     W, H, S = sc['W'], sc['H'], sc['S']
@@ -261,7 +261,7 @@ def lunar_scene(seed:int, # scene seed: the same seed gives the same scene
     full = lambda a: np.r_[np.zeros((sc['y0'], W), a.dtype), a]
     return img, mask, dict(shadow=full(shadow*~foot), crater=full(cdark), sky=sky)
 
-# %% ../nbs/02_synth.ipynb #61ab6572
+# %% ../nbs/02_synth.ipynb #40c1cd65
 _SYNTH_VERSION = 1
 
 def scene_seed(seed:int, # the dataset's seed
@@ -278,7 +278,7 @@ def _write_pair(i, dest, seed, size):
     _write_png(mask*np.uint8(255), dest/'images'/'ground'/f'ground{i+1:04d}.png')
     return i
 
-# %% ../nbs/02_synth.ipynb #40c1cd65
+# %% ../nbs/02_synth.ipynb #f7d9899a
 def _pair_paths(dest, i): return dest/'images'/'render'/f'render{i+1:04d}.png', dest/'images'/'ground'/f'ground{i+1:04d}.png'
 
 def make_lunar_dataset(dest=None, # folder to write; default `data_path('moon-synth')`
@@ -310,7 +310,7 @@ def make_lunar_dataset(dest=None, # folder to write; default `data_path('moon-sy
              n_workers=n_workers if n_workers > 1 else 0, progress=progress, chunksize=4)
     return dest
 
-# %% ../nbs/02_synth.ipynb #f2c4ce95
+# %% ../nbs/02_synth.ipynb #824028cf
 _TINY_CLASSES = ['stripes', 'disc', 'checker', 'gradient blob', 'ring', 'triangle', 'dots', 'cross']
 
 def _tiny_object(rng, kind, u, v):
@@ -351,7 +351,7 @@ def _tiny_image(rng, kind, size):
     box = (xs.min(), ys.min(), xs.max(), ys.max()) if len(xs) else (0, 0, size-1, size-1)
     return np.clip(img, 0, 255).astype(np.uint8), tuple(int(b) for b in box)
 
-# %% ../nbs/02_synth.ipynb #e1022caa
+# %% ../nbs/02_synth.ipynb #bcfffbff
 def make_tiny_classes(dest=None, # folder to write; default `data_path('tiny-synth')`
                       n_classes:int=4, # number of classes (at most 8)
                       n_train:int=40, # training images per class
