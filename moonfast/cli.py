@@ -128,8 +128,8 @@ def train_unet(data:str=None, # segmentation dataset folder (default: the genera
 
 @call_parse
 def compare(data:str=None, # segmentation dataset folder (default: the generated set, 1000 pairs, made if missing)
-            out:str=None, # output folder (default models/compare)
-            epochs:int=4, # epochs of every run
+            out:str=None, # output folder (default models/compare-<epochs>ep)
+            epochs:int=3, # epochs of every run
             seeds:int=3, # number of training seeds (0, 1, ...)
             configs:str='', # comma-separated configurations (default: all; see moonfast.experiments.COMPARISON)
             n:int=1000, # pairs to generate when no data is given
@@ -141,7 +141,7 @@ def compare(data:str=None, # segmentation dataset folder (default: the generated
     "Train and compare the U-Nets (plain, DynamicUnet, course ResNet-U-Net; scratch / pretrained A / B) over seeds"
     from moonfast.experiments import compare as cmp
     from moonfast.core import models_path
-    o = _path(out) or models_path('compare')
+    o = _path(out) or models_path(f'compare-{epochs}ep')
     t = cmp(_path(data), o, epochs=epochs, seeds=tuple(range(seeds)), configs=[c for c in configs.split(',') if c] or None,
             n=n, lr=lr, bs=bs, size=size, pretrained=True if pretrained == 'shipped' else Path(pretrained), precision=precision)
     print((o/'results.md').read_text())

@@ -190,7 +190,7 @@ def to_markdown(df:pd.DataFrame) -> str:
 
 # %% ../nbs/06_experiments.ipynb #932c80f3
 def compare(data=None, # segmentation dataset folder (default: the generated set, made if missing)
-            out=None, # output folder (default models/compare)
+            out=None, # output folder (default models/compare-<epochs>ep)
             epochs:int=8, # epochs of every run
             seeds=(0, 1, 2), # training seeds (the split stays the same)
             configs=None, # list of `COMPARISON` entries or their names (default: all)
@@ -207,7 +207,7 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
            ) -> pd.DataFrame:
     "Train and compare the U-Nets over `seeds`; returns the aggregated results table"
     if data is None: data = make_lunar_dataset(n=n)
-    out = Path(out) if out is not None else models_path('compare')
+    out = Path(out) if out is not None else models_path(f'compare-{epochs}ep')
     cfgs = COMPARISON if configs is None else [c if isinstance(c, dict) else _config(c) for c in L(configs)]
     seeds = list(L(seeds))
     if any(c['pretrained'] for c in cfgs):  # fail before training anything, naming the missing weights

@@ -130,7 +130,8 @@ class RunRecorder(Callback):
         save_checkpoint(self.run_dir/'last.pth', {
             'model': self.learn.model.state_dict(), 'opt': self.learn.opt.state_dict(),
             'phase_idx': self.phase_idx, 'phase_epoch': self.epoch, 'history': self.history,
-            'best': self.best, 'best_epoch': self.best_epoch})
+            'best': self.best, 'best_epoch': self.best_epoch,
+            'plan': {k: self.meta.get(k) for k in ('epochs', 'freeze_epochs', 'frozen')}})
         self.write_records()
 
     def write_records(self):
@@ -185,6 +186,10 @@ def train_run(learn:Learner, # the learner to train
     start_phase, start_epoch = 0, 0
     if resume:
         ckpt = load_checkpoint(Path(run_dir)/'last.pth')
+        plan = {'epochs': epochs, 'freeze_epochs': freeze_epochs, 'frozen': frozen}
+        if ckpt.get('plan', plan) != plan:
+            raise DataError(f"cannot resume {run_dir}: it was started with {ckpt['plan']}, not {plan}; "
+                            "resume with the same settings or start a new run folder")
         done = len(ckpt['history'])
         if done >= epochs: warnings.warn(f"run in {run_dir} already finished its {epochs} epochs"); return pd.DataFrame(ckpt['history'])
         learn.model.load_state_dict(ckpt['model'])
