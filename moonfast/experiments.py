@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_experiments.ipynb #aedf6d0c
 from __future__ import annotations
-import json, time, shutil
+import json, random, time, shutil
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from fastai.vision.all import *
@@ -103,6 +103,7 @@ def run_seg(dls, # DataLoaders from `seg_dls`
     "Train one segmentation run and return its learner (best weights loaded) and summary"
     if variant != 'scratch' and not pretrained: raise DataError(f"variant {variant!r} needs a pretrained encoder")
     set_seed(seed, reproducible=True)
+    dls.train.rng = random.Random(seed)  # same seed, same batch order, whatever ran before on these DataLoaders
     learn = seg_learner(dls, arch=arch, pretrained=pretrained, precision=precision)
     kw = _variant_kwargs(variant, epochs, freeze_epochs)
     train_run(learn, epochs, lr, run_dir=run_dir, resume=resume, **kw,
