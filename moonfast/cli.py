@@ -139,9 +139,8 @@ def compare(data:str=None, # segmentation dataset folder (default: the generated
             pretrained:str='shipped', # classifier weights for the pretrained variants: 'shipped' or a path
             precision:str='auto'): # auto, fp32, bf16 or fp16
     "Train and compare the U-Nets (plain, DynamicUnet, course ResNet-U-Net; scratch / pretrained A / B) over seeds"
-    from moonfast.experiments import compare as cmp
-    from moonfast.core import models_path
-    o = _path(out) or models_path(f'compare-{epochs}ep')
+    from moonfast.experiments import compare as cmp, compare_dir
+    o = _path(out) or compare_dir(epochs)
     t = cmp(_path(data), o, epochs=epochs, seeds=tuple(range(seeds)), configs=[c for c in configs.split(',') if c] or None,
             n=n, lr=lr, bs=bs, size=size, pretrained=True if pretrained == 'shipped' else Path(pretrained), precision=precision)
     print((o/'results.md').read_text())

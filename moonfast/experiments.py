@@ -17,7 +17,7 @@ from .learners import *
 
 # %% auto #0
 __all__ = ['DEFAULT_CLASSES', 'COMPARISON', 'default_imagenet_path', 'train_classifier', 'ship_classifier', 'run_seg',
-           'plot_samples', 'plot_comparison', 'results_table', 'to_markdown', 'compare']
+           'plot_samples', 'plot_comparison', 'results_table', 'to_markdown', 'compare_dir', 'compare']
 
 # %% ../nbs/06_experiments.ipynb #3f7ec279
 DEFAULT_CLASSES = 'n01910747 n02124075 n03854065 n02403003 n09256479 n02415577 n02814533 n04285008 n03796401 n04254777'.split()
@@ -190,6 +190,10 @@ def to_markdown(df:pd.DataFrame) -> str:
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/06_experiments.ipynb #932c80f3
+def compare_dir(epochs:int) -> Path:
+    "Default output folder of a comparison of `epochs` epochs: `models/compare-<epochs>ep`"
+    return models_path(f'compare-{epochs}ep')
+
 def compare(data=None, # segmentation dataset folder (default: the generated set, made if missing)
             out=None, # output folder (default models/compare-<epochs>ep)
             epochs:int=8, # epochs of every run
@@ -208,7 +212,7 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
            ) -> pd.DataFrame:
     "Train and compare the U-Nets over `seeds`; returns the aggregated results table"
     if data is None: data = make_lunar_dataset(n=n)
-    out = Path(out) if out is not None else models_path(f'compare-{epochs}ep')
+    out = Path(out) if out is not None else compare_dir(epochs)
     cfgs = COMPARISON if configs is None else [c if isinstance(c, dict) else _config(c) for c in L(configs)]
     seeds = list(L(seeds))
     if any(c['pretrained'] for c in cfgs):  # fail before training anything, naming the missing weights
