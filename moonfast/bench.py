@@ -27,8 +27,8 @@ from .experiments import to_markdown
 __all__ = ['PHASES', 'TASKS', 'matmul_gflops', 'model_flops', 'rss_mib', 'reset_peak_rss', 'PeakMemory', 'baseline_cls_tfms',
            'BaselineImageNet', 'BaselineSeg', 'baseline_train_epoch', 'baseline_eval', 'StepProfiler', 'Interleave',
            'baseline_step_rate', 'baseline_infer_rate', 'collect_batches', 'learner_step_rate', 'learner_infer_rate',
-           'bench_task', 'machine_info', 'summarize', 'ratios', 'profile_table', 'check_targets', 'run_benchmark',
-           'report_markdown']
+           'BaselineProcess', 'bench_task', 'machine_info', 'summarize', 'ratios', 'profile_table', 'check_targets',
+           'run_benchmark', 'report_markdown']
 
 # %% ../nbs/07_bench.ipynb #a9d0b182
 def _device(device=None) -> torch.device:
@@ -290,36 +290,117 @@ def learner_infer_rate(learn, batches:list, warmup:int=1) -> float:
         secs = time.perf_counter() - t
     return sum(len(b[0]) for b in batches[warmup:])/secs
 
-# %% ../nbs/07_bench.ipynb #b5fff9bf
+# %% ../nbs/07_bench.ipynb #606d6f97
 TASKS = ('classifier', 'unet')
 
+def _baseline_parts(task, path, size, bs, seed, max_per_class, num_workers, train_pairs=None, valid_pairs=None,
+                    n_classes=None, state=None):
+    "The baseline's model, loaders, loss and metric task, built from plain values (so that another process can build them)"
+    if task == 'classifier':
+        tr, va = (BaselineImageNet(path, train=t, size=size, max_per_class=max_per_class, seed=seed) for t in (True, False))
+        model, loss, mtask = resnet_course(num_classes=n_classes), nn.CrossEntropyLoss(), 'classifier'
+    else:
+        tr, va = BaselineSeg(train_pairs, True, size), BaselineSeg(valid_pairs, False, size)
+        model, loss, mtask = UNet(n_out=1), BCEDiceLoss(), 'seg'
+    if state is not None: model.load_state_dict(state)   # the same initial weights as moonfast's
+    g = torch.Generator().manual_seed(seed)
+    btr = TorchDataLoader(tr, batch_size=bs, shuffle=True, drop_last=True, num_workers=num_workers, generator=g)
+    bva = TorchDataLoader(va, batch_size=bs, shuffle=False, num_workers=num_workers)
+    return dict(model=model.to(_device()), train=btr, valid=bva, loss=loss, task=mtask)
+
 def _task_setup(task, data, size, bs, seed, max_per_class, num_workers, valid_pct):
-    "moonfast `Learner` and baseline (model, loaders, loss, metric task) over the same data and split"
+    "moonfast's `Learner`, and the recipe (plain values) of the baseline over the same data, split and initial weights"
     if task == 'classifier':
         path = Path(data) if data is not None else find_data('tiny-imagenet-10')
         if path is None: raise DataError("no Tiny ImageNet for the classifier benchmark: pass its folder as `data`")
         dls = imagenet_dls(path, size=size, bs=bs, seed=seed, max_per_class=max_per_class)
-        learn = classifier_learner(dls)
-        tr, va = (BaselineImageNet(path, train=t, size=size, max_per_class=max_per_class, seed=seed) for t in (True, False))
-        model, loss, mtask = resnet_course(num_classes=len(dls.vocab)), nn.CrossEntropyLoss(), 'classifier'
+        learn, extra = classifier_learner(dls), dict(n_classes=len(dls.vocab))
     elif task == 'unet':
         path = Path(data) if data is not None else make_lunar_dataset(n=1000, progress=False)
         dls = seg_dls(path, size=size, bs=bs, seed=seed, valid_pct=valid_pct)
         learn = seg_learner(dls)
-        tr, va = BaselineSeg(dls.train_ds.items, True, size), BaselineSeg(dls.valid_ds.items, False, size)
-        model, loss, mtask = UNet(n_out=1), BCEDiceLoss(), 'seg'
+        extra = dict(train_pairs=[tuple(map(str, p)) for p in dls.train_ds.items],
+                     valid_pairs=[tuple(map(str, p)) for p in dls.valid_ds.items])
     else: raise DataError(f"task={task!r}: expected one of {TASKS}")
-    model.load_state_dict(learn.model.state_dict())   # the same initial weights on both sides
-    g = torch.Generator().manual_seed(seed)
-    btr = TorchDataLoader(tr, batch_size=bs, shuffle=True, drop_last=True, num_workers=num_workers, generator=g)
-    bva = TorchDataLoader(va, batch_size=bs, shuffle=False, num_workers=num_workers)
-    return learn, dict(model=model.to(_device()), train=btr, valid=bva, loss=loss, task=mtask, path=path)
+    spec = dict(task=task, path=str(path), size=size, bs=bs, seed=seed, max_per_class=max_per_class, num_workers=num_workers,
+                state={k: v.detach().clone().contiguous() for k, v in learn.model.state_dict().items()}, **extra)
+    return learn, spec
+
+def _baseline_serve(conn, spec:dict, threads:int):
+    "The baseline side of `bench_task`: build it from `spec`, then answer 'epoch', 'rates' and 'stop' requests on `conn`"
+    import traceback
+    try:
+        torch.set_num_threads(threads)
+        set_seed(spec['seed'], reproducible=False)
+        base = _baseline_parts(**{k: v for k, v in spec.items() if k != 'lr'})
+        dev, opt, batches = _device(), torch.optim.Adam(base['model'].parameters(), spec['lr']), None
+        conn.send(('ok', None))
+        while True:
+            cmd, arg = conn.recv()
+            if cmd == 'stop': break
+            if cmd == 'epoch':
+                with PeakMemory() as pm: r = baseline_train_epoch(base['model'], base['train'], base['loss'], opt, dev)
+                v = baseline_eval(base['model'], base['valid'], base['loss'], base['task'], dev)
+                conn.send(('ok', dict(train=r, valid=v, peak_mib=pm.peak, rise_mib=pm.rise, load=os.getloadavg()[0])))
+            elif cmd == 'rates':
+                if batches is None:
+                    batches = [list(itertools.islice(itertools.cycle(collect_batches(d, arg)), arg))
+                               for d in (base['train'], base['valid'])]
+                conn.send(('ok', dict(steps_img_s=baseline_step_rate(base['model'], batches[0], base['loss'], opt, dev),
+                                      infer_img_s=baseline_infer_rate(base['model'], batches[1], dev))))
+            else: conn.send(('error', f"unknown request {cmd!r}"))
+    except Exception as e:
+        try: conn.send(('error', f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"))
+        except Exception: pass
+
+class BaselineProcess:
+    "The baseline of `bench_task` in a fresh process of its own; `call('epoch')`, `call('rates', n)`; a context manager"
+    def __init__(self, spec:dict, # from `_task_setup`, plus the baseline's learning rate as 'lr'
+                 threads:int|None=None, # torch threads of the process (default: this process's count)
+                 timeout:float=3600.): # seconds to wait for one answer
+        import multiprocessing as mp, importlib
+        ctx = mp.get_context('spawn')
+        self.conn, child = ctx.Pipe()
+        serve = importlib.import_module('moonfast.bench')._baseline_serve   # by module, so a notebook can start it too
+        self.proc = ctx.Process(target=serve, args=(child, spec, threads or torch.get_num_threads()), name='moonfast-baseline')
+        self.timeout = timeout
+        quiet = 'ignore::FutureWarning,ignore::DeprecationWarning'   # import-time deprecation notes would clutter the output
+        old = os.environ.get('PYTHONWARNINGS'); os.environ['PYTHONWARNINGS'] = quiet if not old else f"{old},{quiet}"
+        try: self.proc.start()
+        finally:
+            if old is None: del os.environ['PYTHONWARNINGS']
+            else: os.environ['PYTHONWARNINGS'] = old
+        child.close()
+        try: self._answer()
+        except BaseException: self.close(); raise
+    def _answer(self):
+        t = time.perf_counter()
+        while not self.conn.poll(0.5):
+            if not self.proc.is_alive():
+                raise RuntimeError(f"the baseline process ended without answering (exit code {self.proc.exitcode})")
+            if time.perf_counter() - t > self.timeout: raise TimeoutError(f"the baseline process gave no answer in {self.timeout:.0f} s")
+        status, val = self.conn.recv()
+        if status != 'ok': raise RuntimeError(f"the baseline process failed: {val}")
+        return val
+    def call(self, cmd:str, arg=None):
+        "Send one request and wait for its answer"
+        self.conn.send((cmd, arg)); return self._answer()
+    def close(self):
+        "Stop the process (asking first, then terminating it)"
+        if self.proc.is_alive():
+            try: self.conn.send(('stop', None))
+            except (BrokenPipeError, OSError): pass
+            self.proc.join(10)
+            if self.proc.is_alive(): self.proc.terminate(); self.proc.join(5)
+        self.conn.close()
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
 
 def _med(xs):
     xs = [x for x in xs if x is not None]
     return float(statistics.median(xs)) if xs else None
 
-# %% ../nbs/07_bench.ipynb #606d6f97
+# %% ../nbs/07_bench.ipynb #fbb2c285
 def bench_task(task:str, # 'classifier' or 'unet'
                data=None, # dataset folder (default: tiny-imagenet-10 / the generated lunar set)
                epochs:int=3, # epochs of the interleaved training runs (quality check and full-epoch timing)
@@ -334,55 +415,51 @@ def bench_task(task:str, # 'classifier' or 'unet'
                num_workers:int=0, # DataLoader workers of both sides
                valid_pct:float=0.2, # U-Net: validation fraction
                log=print) -> dict: # progress messages (None: silent)
-    "Measure the baseline and moonfast on one model; returns per-epoch, per-repetition and per-batch records"
+    "Measure the baseline (in its own process) and moonfast on one model; returns per-epoch, per-repetition and per-batch records"
     if task not in TASKS: raise DataError(f"task={task!r}: expected one of {TASKS}")
     if epochs < 1 or reps < 1 or n_batches < 1: raise DataError(f"epochs={epochs}, reps={reps}, n_batches={n_batches}: expected each >= 1")
     log = log or (lambda *a: None)
     bs = bs or (128 if task == 'classifier' else 16)
     set_seed(seed, reproducible=False)
-    learn, base = _task_setup(task, data, size, bs, seed, max_per_class, num_workers, valid_pct)
-    dev = _device()
-    bopt = torch.optim.Adam(base['model'].parameters(), base_lr)
-    ep_rows, prof_base = [], []
-    def base_epoch(epoch):
-        with PeakMemory() as pm: r = baseline_train_epoch(base['model'], base['train'], base['loss'], bopt, dev)
-        v = baseline_eval(base['model'], base['valid'], base['loss'], base['task'], dev)
-        prof_base.append(r)
-        ep_rows.append(dict(task=task, config='baseline', epoch=epoch, images=r['images'], seconds=r['seconds'],
-                            img_s=r['images']/r['seconds'], peak_mib=pm.peak, rise_mib=pm.rise, load=os.getloadavg()[0],
-                            train_loss=r['loss'], **{k: v[k] for k in v if k not in ('images', 'seconds')}))
-        log(f"  {task} baseline epoch {epoch+1}: {r['images']/r['seconds']:.1f} img/s, "
-            + ', '.join(f"{k} {v[k]:.4f}" for k in v if k not in ('images', 'seconds')))
-    prof = StepProfiler()
-    t0 = time.perf_counter()
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr, cbs=[prof, Interleave(base_epoch)])
-    names = learn.recorder.metric_names[1:-1]
-    for e, (vals, pe) in enumerate(zip(learn.recorder.values, prof.epochs)):
-        m = dict(zip(names, vals))
-        ep_rows.append(dict(task=task, config='moonfast', epoch=e, images=pe['images'], seconds=pe['seconds'],
-                            img_s=pe['images']/pe['seconds'], peak_mib=pe['peak_mib'], rise_mib=pe['rise_mib'],
-                            load=None, **{k: (float(v) if v is not None else None) for k, v in m.items()}))
-        log(f"  {task} moonfast epoch {e+1}: {pe['images']/pe['seconds']:.1f} img/s, "
-            + ', '.join(f"{k} {float(v):.4f}" for k, v in m.items() if v is not None))
-    log(f"  {task}: interleaved training took {time.perf_counter() - t0:.0f} s")
-    # pure steps and inference, alternating sides
+    learn, spec = _task_setup(task, data, size, bs, seed, max_per_class, num_workers, valid_pct)
+    ep_rows, prof_base, rep_rows = [], [], []
     k = n_batches + 1   # a small set has fewer batches: its batches are then reused
-    bt, bv, mt, mv = (list(itertools.islice(itertools.cycle(collect_batches(d, k)), k))
-                      for d in (base['train'], base['valid'], learn.dls.train, learn.dls.valid))
-    rep_rows = []
-    for r in range(reps):
-        rep_rows.append(dict(task=task, rep=r, config='baseline', load=os.getloadavg()[0],
-                             steps_img_s=baseline_step_rate(base['model'], bt, base['loss'], bopt, dev),
-                             infer_img_s=baseline_infer_rate(base['model'], bv, dev)))
-        rep_rows.append(dict(task=task, rep=r, config='moonfast', load=os.getloadavg()[0],
-                             steps_img_s=learner_step_rate(learn, mt), infer_img_s=learner_infer_rate(learn, mv)))
+    with BaselineProcess(dict(spec, lr=base_lr)) as base:
+        def base_epoch(epoch):
+            res = base.call('epoch')
+            r, v = res['train'], res['valid']
+            prof_base.append(r)
+            ep_rows.append(dict(task=task, config='baseline', epoch=epoch, images=r['images'], seconds=r['seconds'],
+                                img_s=r['images']/r['seconds'], peak_mib=res['peak_mib'], rise_mib=res['rise_mib'],
+                                load=res['load'], train_loss=r['loss'], **{k: v[k] for k in v if k not in ('images', 'seconds')}))
+            log(f"  {task} baseline epoch {epoch+1}: {r['images']/r['seconds']:.1f} img/s, "
+                + ', '.join(f"{k} {v[k]:.4f}" for k in v if k not in ('images', 'seconds')))
+        prof = StepProfiler()
+        t0 = time.perf_counter()
+        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr, cbs=[prof, Interleave(base_epoch)])
+        names = learn.recorder.metric_names[1:-1]
+        for e, (vals, pe) in enumerate(zip(learn.recorder.values, prof.epochs)):
+            m = dict(zip(names, vals))
+            ep_rows.append(dict(task=task, config='moonfast', epoch=e, images=pe['images'], seconds=pe['seconds'],
+                                img_s=pe['images']/pe['seconds'], peak_mib=pe['peak_mib'], rise_mib=pe['rise_mib'],
+                                load=None, **{k: (float(v) if v is not None else None) for k, v in m.items()}))
+            log(f"  {task} moonfast epoch {e+1}: {pe['images']/pe['seconds']:.1f} img/s, "
+                + ', '.join(f"{k} {float(v):.4f}" for k, v in m.items() if v is not None))
+        log(f"  {task}: interleaved training took {time.perf_counter() - t0:.0f} s")
+        # pure steps and inference, alternating sides
+        mt, mv = (list(itertools.islice(itertools.cycle(collect_batches(d, k)), k)) for d in (learn.dls.train, learn.dls.valid))
+        for r in range(reps):
+            rep_rows.append(dict(task=task, rep=r, config='baseline', load=os.getloadavg()[0], **base.call('rates', k)))
+            rep_rows.append(dict(task=task, rep=r, config='moonfast', load=os.getloadavg()[0],
+                                 steps_img_s=learner_step_rate(learn, mt), infer_img_s=learner_infer_rate(learn, mv)))
     prec = resolve_precision('auto') if any(type(cb).__name__ == 'CPUMixedPrecision' for cb in learn.cbs) or torch.cuda.is_available() else 'fp32'
+    model = resnet_course(num_classes=spec['n_classes']) if task == 'classifier' else UNet(n_out=1)   # for FLOPs
     return dict(task=task, bs=bs, epochs=pd.DataFrame(ep_rows), reps=pd.DataFrame(rep_rows), precision=prec,
                 profile_moonfast=pd.DataFrame(prof.rows), profile_baseline=pd.DataFrame(prof_base),
-                flops_train=model_flops(base['model'], size, True), flops_infer=model_flops(base['model'], size, False),
-                params=sum(p.numel() for p in base['model'].parameters()), train_items=len(learn.dls.train_ds))
+                flops_train=model_flops(model, size, True), flops_infer=model_flops(model, size, False),
+                params=sum(p.numel() for p in model.parameters()), train_items=len(learn.dls.train_ds))
 
-# %% ../nbs/07_bench.ipynb #c6bc0684
+# %% ../nbs/07_bench.ipynb #5b52a2a3
 def machine_info(device=None) -> dict:
     "The machine and versions a benchmark ran on"
     dev = _device(device)
@@ -445,7 +522,7 @@ def profile_table(results:list) -> pd.DataFrame:
                          **{f'{k} %': 100*v/tot for k, v in d.items()}})
     return pd.DataFrame(rows)
 
-# %% ../nbs/07_bench.ipynb #5b52a2a3
+# %% ../nbs/07_bench.ipynb #63f2ac46
 def check_targets(summary:pd.DataFrame, # from `summarize`
                   speedup:float=5., # full-epoch speed-up wanted for every model
                   unet_img_s:float=35., # U-Net training images/s wanted (half its bf16 FLOP bound here)

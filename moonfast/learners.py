@@ -13,6 +13,7 @@ from .core import *
 from .data import *
 from .models import *
 from .metrics import *
+from .cpu import fast_batchnorm, tune_allocator
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'SEG_ARCHS', 'cpu_bf16_supported', 'CPUMixedPrecision', 'resolve_precision', 'precision_cbs',
@@ -31,12 +32,15 @@ def cpu_bf16_supported() -> bool:
 
 # %% ../nbs/05_learners.ipynb #3d7c7cf1
 class CPUMixedPrecision(Callback):
-    "Train and validate under CPU bf16 autocast, optionally in channels-last memory format"
+    "Train and validate under CPU bf16 autocast, optionally in channels-last memory format with moonfast's CPU speed-ups"
     order = MixedPrecision.order
-    def __init__(self, channels_last:bool=False): # also convert model and batches to channels-last memory format
-        self.channels_last, self._ac = channels_last, None
+    def __init__(self, channels_last:bool=False, # also convert model and batches to channels-last memory format
+                 speedups:bool=True): # with channels-last: `FastBatchNorm2d` and `tune_allocator` (`moonfast.cpu`)
+        self.channels_last, self.speedups, self._ac = channels_last, speedups, None
     def before_fit(self):
-        if self.channels_last: self.learn.model.to(memory_format=torch.channels_last)
+        if not self.channels_last: return
+        self.learn.model.to(memory_format=torch.channels_last)
+        if self.speedups: fast_batchnorm(self.learn.model); tune_allocator()
     def before_batch(self):
         if self.channels_last:
             self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) if isinstance(x, Tensor) and x.ndim == 4
@@ -64,16 +68,17 @@ def resolve_precision(precision:str='auto') -> str:
 
 def precision_cbs(precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16'
                   channels_last:bool=True, # channels-last memory format (CPU bf16 only)
-                  cuda:bool=None): # whether training runs on CUDA (default: `torch.cuda.is_available()`)
+                  cuda:bool=None, # whether training runs on CUDA (default: `torch.cuda.is_available()`)
+                  speedups:bool=True): # CPU bf16 channels-last: moonfast's batch norm and allocator setting (`moonfast.cpu`)
     "The mixed-precision callbacks for `precision` on this machine"
     p = resolve_precision(precision)
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if p == 'fp32': return []
     if cuda: return [MixedPrecision(amp_mode=p)]
     if p == 'fp16': raise DataError("precision 'fp16' needs a CUDA GPU; on a CPU use 'bf16' or 'fp32'")
-    return [CPUMixedPrecision(channels_last=channels_last)]
+    return [CPUMixedPrecision(channels_last=channels_last, speedups=speedups)]
 
-# %% ../nbs/05_learners.ipynb #391da60c
+# %% ../nbs/05_learners.ipynb #c5431697
 def _plain_py(o):
     "Checkpoint-safe copy of `o`: numpy scalars and arrays become Python numbers and lists"
     if isinstance(o, dict): return {k: _plain_py(v) for k, v in o.items()}
@@ -94,7 +99,7 @@ def load_checkpoint(path) -> dict:
     try: return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e: raise DataError(f"checkpoint {path} could not be read as a moonfast checkpoint: {e}") from e
 
-# %% ../nbs/05_learners.ipynb #c5431697
+# %% ../nbs/05_learners.ipynb #5b8a6c44
 def _is_better(monitor):
     "Whether larger values of `monitor` are better"
     return not any(k in monitor for k in ('loss', 'error'))
@@ -153,7 +158,7 @@ class RunRecorder(Callback):
         "Take the history and best score from a `last.pth` checkpoint"
         self.history, self.best, self.best_epoch = list(ckpt['history']), ckpt['best'], ckpt['best_epoch']
 
-# %% ../nbs/05_learners.ipynb #5b8a6c44
+# %% ../nbs/05_learners.ipynb #2ef4682f
 def _phases(epochs, lr, freeze_epochs, frozen, lr_mult):
     "The (name, n_epochs, freeze, fit_one_cycle kwargs) of each phase of a run"
     if epochs < 1: raise DataError(f"epochs must be at least 1, got {epochs}")
@@ -207,7 +212,7 @@ def train_run(learn:Learner, # the learner to train
     plot_history(rec.history, monitor, fname=rec.run_dir/'curves.png')
     return pd.DataFrame(rec.history)
 
-# %% ../nbs/05_learners.ipynb #2d6efffe
+# %% ../nbs/05_learners.ipynb #8c0dfe76
 def plot_history(history, # list of rows (dicts) or a DataFrame or a history.csv path
                  metrics=None, # metric columns to plot beside the losses (default: all)
                  fname=None, # save the figure here (atomically) when given
@@ -229,7 +234,7 @@ def plot_history(history, # list of rows (dicts) or a DataFrame or a history.csv
     plt.close(fig)
     return fig
 
-# %% ../nbs/05_learners.ipynb #7f29f2d6
+# %% ../nbs/05_learners.ipynb #56913c6d
 def top5_accuracy(inp, targ):
     "Share of items whose target is among the 5 highest-scored classes"
     return top_k_accuracy(inp, targ, k=min(5, inp.shape[-1]))
@@ -257,7 +262,7 @@ def classifier_learner(data, # a Tiny ImageNet-layout folder, or DataLoaders fro
     return Learner(dls, model, loss_func=loss, metrics=[accuracy, top5_accuracy],
                    cbs=_learner_cbs(precision, channels_last, cbs), **kwargs)
 
-# %% ../nbs/05_learners.ipynb #56913c6d
+# %% ../nbs/05_learners.ipynb #c52ae478
 SEG_ARCHS = ('unet', 'dynamic_unet', 'resnet_unet')
 
 def _check_arch(arch, pretrained):
@@ -300,7 +305,7 @@ def seg_learner(data, # a segmentation dataset folder (any layout `seg_dls` read
     if pretrained: learn.freeze()
     return learn
 
-# %% ../nbs/05_learners.ipynb #86aad4ad
+# %% ../nbs/05_learners.ipynb #239963d6
 def _norm_stats(learn):
     "The mean and std of the `Normalize` in the learner's batch pipeline, or None"
     for t in learn.dls.after_batch.fs:
@@ -401,7 +406,7 @@ def load_predictor(run, # a run folder (summary.json + best.pth, as `train_run` 
     except Exception as e: raise DataError(f"{run} does not hold {arch!r} weights: {str(e)[:500]}") from None
     return Predictor(model, size)
 
-# %% ../nbs/05_learners.ipynb #9d069191
+# %% ../nbs/05_learners.ipynb #f701e429
 _all_ = ['imagenet_dls', 'seg_dls', 'seg_pairs', 'detect_layout', 'UNet', 'ResNetUNet', 'resnet_course',
          'resnet_dynamic_unet', 'load_encoder_weights', 'CLASSIFIER_WEIGHTS', 'BCEDiceLoss', 'BinaryDice', 'BinaryIoU',
          'PixelAccuracy', 'seg_metrics', 'DataError', 'load_learner', 'Learner', 'DataLoaders']
