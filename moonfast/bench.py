@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, DataLoader as TorchDataLoader
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 import fastai
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelValidException
 from fastai.data.core import DataLoaders
 from fastai.torch_core import find_bs, set_seed
 from fastai.vision.core import imagenet_stats
@@ -27,8 +27,8 @@ from .experiments import to_markdown
 __all__ = ['PHASES', 'TASKS', 'matmul_gflops', 'model_flops', 'rss_mib', 'reset_peak_rss', 'PeakMemory', 'baseline_cls_tfms',
            'BaselineImageNet', 'BaselineSeg', 'baseline_train_epoch', 'baseline_eval', 'StepProfiler', 'Interleave',
            'baseline_step_rate', 'baseline_infer_rate', 'collect_batches', 'learner_step_rate', 'learner_infer_rate',
-           'BaselineProcess', 'bench_task', 'machine_info', 'summarize', 'ratios', 'profile_table', 'check_targets',
-           'run_benchmark', 'report_markdown']
+           'op_profile', 'BaselineProcess', 'bench_task', 'machine_info', 'summarize', 'ratios', 'profile_table',
+           'check_targets', 'run_benchmark', 'report_markdown']
 
 # %% ../nbs/07_bench.ipynb #a9d0b182
 def _device(device=None) -> torch.device:
@@ -290,7 +290,33 @@ def learner_infer_rate(learn, batches:list, warmup:int=1) -> float:
         secs = time.perf_counter() - t
     return sum(len(b[0]) for b in batches[warmup:])/secs
 
-# %% ../nbs/07_bench.ipynb #606d6f97
+# %% ../nbs/07_bench.ipynb #b5fff9bf
+class _NoValidation(Callback):
+    def before_validate(self): raise CancelValidException
+
+def op_profile(learn, # a moonfast `Learner`
+               batches:list, # in-memory (x, y) batches from the learner's own pipeline
+               top:int=12, # how many operations to list
+               lr:float=1e-5) -> pd.DataFrame: # learning rate of these steps
+    "The operations that take a training step's time: own CPU ms per batch, calls per batch, share of the step"
+    from torch.profiler import profile, ProfilerActivity
+    if not batches: raise DataError("op_profile got no batches: expected at least one (x, y) batch")
+    os.environ.setdefault('KINETO_LOG_LEVEL', '5')   # the profiler's own log: without it, a CPU-only machine prints a GPU 'error'
+    old = learn.dls
+    learn.dls = DataLoaders(list(batches), list(batches[:1]))
+    try:
+        with learn.no_bar(), learn.no_logging():
+            learn.fit(1, lr, cbs=_NoValidation())
+            with profile(activities=[ProfilerActivity.CPU]) as prof: learn.fit(1, lr, cbs=_NoValidation())
+    finally: learn.dls = old
+    ev, n = [e for e in prof.key_averages() if not e.key.startswith('ProfilerStep')], len(batches)
+    total = sum(e.self_cpu_time_total for e in ev)/1e3/n
+    rows = sorted(((e.key, e.self_cpu_time_total/1e3/n, e.count/n) for e in ev), key=lambda r: -r[1])[:top]
+    df = pd.DataFrame(rows, columns=['op', 'ms per batch', 'calls per batch'])
+    df['% of step'] = 100*df['ms per batch']/total
+    return df
+
+# %% ../nbs/07_bench.ipynb #fbb2c285
 TASKS = ('classifier', 'unet')
 
 def _baseline_parts(task, path, size, bs, seed, max_per_class, num_workers, train_pairs=None, valid_pairs=None,
@@ -400,7 +426,7 @@ def _med(xs):
     xs = [x for x in xs if x is not None]
     return float(statistics.median(xs)) if xs else None
 
-# %% ../nbs/07_bench.ipynb #fbb2c285
+# %% ../nbs/07_bench.ipynb #29f9d992
 def bench_task(task:str, # 'classifier' or 'unet'
                data=None, # dataset folder (default: tiny-imagenet-10 / the generated lunar set)
                epochs:int=3, # epochs of the interleaved training runs (quality check and full-epoch timing)
@@ -459,7 +485,7 @@ def bench_task(task:str, # 'classifier' or 'unet'
                 flops_train=model_flops(model, size, True), flops_infer=model_flops(model, size, False),
                 params=sum(p.numel() for p in model.parameters()), train_items=len(learn.dls.train_ds))
 
-# %% ../nbs/07_bench.ipynb #5b52a2a3
+# %% ../nbs/07_bench.ipynb #63f2ac46
 def machine_info(device=None) -> dict:
     "The machine and versions a benchmark ran on"
     dev = _device(device)
@@ -522,7 +548,7 @@ def profile_table(results:list) -> pd.DataFrame:
                          **{f'{k} %': 100*v/tot for k, v in d.items()}})
     return pd.DataFrame(rows)
 
-# %% ../nbs/07_bench.ipynb #63f2ac46
+# %% ../nbs/07_bench.ipynb #d5f6737b
 def check_targets(summary:pd.DataFrame, # from `summarize`
                   speedup:float=5., # full-epoch speed-up wanted for every model
                   unet_img_s:float=35., # U-Net training images/s wanted (half its bf16 FLOP bound here)
