@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes, ctypes.util, math, os, platform
 import torch, torch.nn as nn
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 # %% auto #0
 __all__ = ['fold_factor', 'folded_rows', 'FastBatchNorm2d', 'fast_batchnorm', 'tune_allocator']
@@ -53,6 +54,7 @@ class _FoldedBatchNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable   # no second derivative: a double backward through it is refused, not silently wrong
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
         k, eps = ctx.k, ctx.eps
