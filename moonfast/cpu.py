@@ -22,11 +22,13 @@ def fold_factor(C:int, # channels
 def folded_rows(x:Tensor, # a channels-last (N, C, H, W) tensor
                 k:int): # rows folded into one, from `fold_factor`
     "The `(N·H·W/k, k·C)` matrix that `x` is in memory (a view: no copy)"
-    N, C, H, W = x.shape
-    return x.permute(0, 2, 3, 1).reshape(-1, k*C)
+    return x.permute(0, 2, 3, 1).reshape(-1, k*x.shape[1])
 
 # %% ../nbs/09_cpu.ipynb #0a71113d
-def _empty(dtype): return torch.empty(0, dtype=dtype)
+def _affine_rows(src, w, b, mean, var, eps, out):
+    "`out = (src - mean)/sqrt(var + eps)·w + b` per column of `src` in one fp32-exact pass (an eval-mode batch norm)"
+    e = torch.empty(0, dtype=mean.dtype)
+    torch.ops.aten.native_batch_norm.out(src, w, b, mean, var, False, 0.0, eps, out=out, save_mean=e, save_invstd=e)
 
 class _FoldedBatchNorm(torch.autograd.Function):
     "Training-mode batch norm of a channels-last tensor computed over its folded `(rows, k·C)` view"
@@ -47,8 +49,7 @@ class _FoldedBatchNorm(torch.autograd.Function):
         w = weight.to(pd) if weight is not None else torch.ones_like(mean)
         b = bias.to(pd) if bias is not None else torch.zeros_like(mean)
         y = torch.empty_like(x, memory_format=torch.channels_last)
-        torch.ops.aten.native_batch_norm.out(v, w.repeat(k), b.repeat(k), mean.repeat(k), var.repeat(k), False, 0.0, eps,
-                                             out=folded_rows(y, k), save_mean=_empty(mean.dtype), save_invstd=_empty(mean.dtype))
+        _affine_rows(v, w.repeat(k), b.repeat(k), mean.repeat(k), var.repeat(k), eps, out=folded_rows(y, k))
         ctx.save_for_backward(x, weight, mean, (var + eps).rsqrt())
         ctx.k, ctx.eps = k, eps
         return y
@@ -70,8 +71,7 @@ class _FoldedBatchNorm(torch.autograd.Function):
             b = -a * invstd * sdyxhat / M
             c = -a * sdy / M - b * mean
             dx = torch.empty_like(x, memory_format=torch.channels_last); t = folded_rows(dx, k)
-            torch.ops.aten.native_batch_norm.out(dv, a.repeat(k), c.repeat(k), torch.zeros_like(mk), torch.full_like(mk, 1 - eps),
-                                                 False, 0.0, eps, out=t, save_mean=_empty(mean.dtype), save_invstd=_empty(mean.dtype))
+            _affine_rows(dv, a.repeat(k), c.repeat(k), torch.zeros_like(mk), torch.full_like(mk, 1 - eps), eps, out=t)   # a·dy + c
             t.addcmul_(v, b.to(x.dtype).repeat(k))
         gw_out = sdyxhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         gb_out = sdy.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
@@ -109,8 +109,9 @@ def tune_allocator() -> bool:
     global _TUNED
     if _TUNED is not None: return _TUNED
     if os.environ.get('MOONFAST_TUNE_MALLOC', '1').strip().lower() in ('0', 'false', 'no', 'off'): return False
-    if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc': _TUNED = False; return _TUNED
-    try: libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-    except OSError: _TUNED = False; return _TUNED
-    _TUNED = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    _TUNED = False
+    if platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc':
+        try: libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+        except OSError: return _TUNED
+        _TUNED = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _TUNED
