@@ -5,12 +5,13 @@
 # %% ../nbs/09_cpu.ipynb #5bb71486
 from __future__ import annotations
 import ctypes, ctypes.util, math, os, platform
-import torch, torch.nn as nn
+import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from .kernels import batch_norm_supported, batch_norm_train
 
 # %% auto #0
-__all__ = ['fold_factor', 'folded_rows', 'FastBatchNorm2d', 'fast_batchnorm', 'tune_allocator']
+__all__ = ['fold_factor', 'folded_rows', 'FastBatchNorm2d', 'FusedReLU', 'fast_batchnorm', 'tune_allocator']
 
 # %% ../nbs/09_cpu.ipynb #2bfe8cb7
 def fold_factor(C:int, # channels
@@ -79,28 +80,55 @@ class _FoldedBatchNorm(torch.autograd.Function):
 
 # %% ../nbs/09_cpu.ipynb #1c709bc2
 class FastBatchNorm2d(nn.BatchNorm2d):
-    "`nn.BatchNorm2d` whose CPU channels-last training pass runs over a folded view of the tensor (much faster with few channels)"
-    def _folds(self, x:Tensor) -> bool:
+    "`nn.BatchNorm2d` with a fast CPU channels-last training pass (compiled kernels, else a folded view), optionally fused with a ReLU"
+    relu = False      # apply the ReLU that follows (set by `fast_batchnorm`)
+    kernels = True    # use moonfast's compiled kernels where they are built (`False`: the folded path only)
+
+    def _cl_train(self, x:Tensor) -> bool:
         return (self.training and self.track_running_stats and x.device.type == 'cpu' and x.dim() == 4
                 and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous(memory_format=torch.channels_last)
-                and not x.is_contiguous() and fold_factor(x.shape[1], x.numel() // x.shape[1]) > 1)
+                and not x.is_contiguous())
+    def _folds(self, x:Tensor) -> bool: return self._cl_train(x) and fold_factor(x.shape[1], x.numel() // x.shape[1]) > 1
+    def _kernel(self, x:Tensor) -> bool: return self.kernels and self._cl_train(x) and batch_norm_supported(x)
 
     def forward(self, x:Tensor) -> Tensor:
-        if not self._folds(x): return super().forward(x)
+        kernel = self._kernel(x)
+        if not kernel and not self._folds(x):
+            y = super().forward(x)
+            return F.relu(y, inplace=True) if self.relu else y
         self._check_input_dim(x)
         self.num_batches_tracked.add_(1)
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        return _FoldedBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, momentum, self.eps)
+        args = (x, self.weight, self.bias, self.running_mean, self.running_var, momentum, self.eps)
+        if kernel: return batch_norm_train(*args, relu=self.relu)
+        y = _FoldedBatchNorm.apply(*args)
+        return y.relu_() if self.relu else y
+
+class FusedReLU(nn.ReLU):
+    "An `nn.ReLU` whose work the `FastBatchNorm2d` before it does (`fast_batchnorm` fused them): passes its input through"
+    def forward(self, x:Tensor) -> Tensor: return x
+    def extra_repr(self) -> str: return 'fused into the batch norm before it'
+
+def _bn_relu_pairs(model:nn.Module):
+    "(batch norm, ReLU) pairs of `model` where the ReLU is applied to the batch norm's output and nothing else reads it"
+    for m in model.modules():
+        if isinstance(m, nn.Sequential):
+            kids = list(m.children())
+            yield from ((a, b) for a, b in zip(kids, kids[1:]) if isinstance(a, nn.BatchNorm2d) and isinstance(b, nn.ReLU))
+        yield from ((getattr(m, a), getattr(m, b)) for a, b in getattr(m, '_bn_relu', ()))
 
 def fast_batchnorm(model:nn.Module, # changed in place
-                   enable:bool=True): # `False` switches back to `nn.BatchNorm2d`
-    "Make every `nn.BatchNorm2d` of `model` a `FastBatchNorm2d` (or back); parameters, buffers and state dict are untouched"
+                   enable:bool=True): # `False` switches back to `nn.BatchNorm2d` and unfuses the ReLUs
+    "Make every `nn.BatchNorm2d` of `model` a `FastBatchNorm2d` fused with the ReLU after it (or back); parameters, buffers and state dict are untouched"
     src, dst = (nn.BatchNorm2d, FastBatchNorm2d) if enable else (FastBatchNorm2d, nn.BatchNorm2d)
     for m in model.modules():
         if type(m) is src: m.__class__ = dst
+    for bn, act in list(_bn_relu_pairs(model)):
+        if enable and type(bn) is FastBatchNorm2d and type(act) is nn.ReLU: bn.relu, act.__class__ = True, FusedReLU
+        elif not enable and type(act) is FusedReLU: bn.__dict__.pop('relu', None); act.__class__ = nn.ReLU
     return model
 
-# %% ../nbs/09_cpu.ipynb #808321ae
+# %% ../nbs/09_cpu.ipynb #ff95b2dd
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _TUNED = None
 
