@@ -91,18 +91,26 @@ class FastBatchNorm2d(nn.BatchNorm2d):
     def _folds(self, x:Tensor) -> bool: return self._cl_train(x) and fold_factor(x.shape[1], x.numel() // x.shape[1]) > 1
     def _kernel(self, x:Tensor) -> bool: return self.kernels and self._cl_train(x) and batch_norm_supported(x)
 
+    def _args(self, x:Tensor) -> tuple:
+        "Count the batch (as `nn.BatchNorm2d` does) and return the arguments of a training pass"
+        self._check_input_dim(x)
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return (x, self.weight, self.bias, self.running_mean, self.running_var, momentum, self.eps)
+
     def forward(self, x:Tensor) -> Tensor:
         kernel = self._kernel(x)
         if not kernel and not self._folds(x):
             y = super().forward(x)
             return F.relu(y, inplace=True) if self.relu else y
-        self._check_input_dim(x)
-        self.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        args = (x, self.weight, self.bias, self.running_mean, self.running_var, momentum, self.eps)
-        if kernel: return batch_norm_train(*args, relu=self.relu)
-        y = _FoldedBatchNorm.apply(*args)
+        if kernel: return batch_norm_train(*self._args(x), relu=self.relu)
+        y = _FoldedBatchNorm.apply(*self._args(x))
         return y.relu_() if self.relu else y
+
+    def add_relu(self, x:Tensor, r:Tensor) -> Tensor:
+        "`relu(self(x) + r)` (a residual block's end), in one fused pass where moonfast's kernels apply"
+        if self.relu or not (self._kernel(x) and r.shape == x.shape and r.dtype == x.dtype): return F.relu(self(x) + r)
+        return batch_norm_train(*self._args(x), relu=True, residual=r)
 
 class FusedReLU(nn.ReLU):
     "An `nn.ReLU` whose work the `FastBatchNorm2d` before it does (`fast_batchnorm` fused them): passes its input through"
@@ -128,7 +136,7 @@ def fast_batchnorm(model:nn.Module, # changed in place
         elif not enable and type(act) is FusedReLU: bn.__dict__.pop('relu', None); act.__class__ = nn.ReLU
     return model
 
-# %% ../nbs/09_cpu.ipynb #ff95b2dd
+# %% ../nbs/09_cpu.ipynb #9064fd76
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _TUNED = None
 

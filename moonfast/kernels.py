@@ -329,11 +329,133 @@ at::Tensor bn_grad_input(const at::Tensor& dy_, const at::Tensor& x, const at::T
   });
   return dx;
 }
+
+// ---- batch norm + residual + ReLU: y = relu(a·x + b + r); the ReLU's mask is read from y (as torch.relu's backward does) ----
+template <typename E>
+static void __attribute__((noinline)) add_relu_row(const typename E::S* __restrict__ x, const typename E::S* __restrict__ r,
+                                                   typename E::S* __restrict__ y, const typename E::A* __restrict__ a,
+                                                   const typename E::A* __restrict__ b, int64_t L) {
+  for (int64_t j = 0; j < L; ++j) {
+    typename E::A z = std::fma(E::ld(x[j]), a[j], b[j]) + E::ld(r[j]);
+    y[j] = E::st(z < 0 ? typename E::A(0) : z);
+  }
+}
+template <typename E>
+static void __attribute__((noinline)) acc_grad_y(const typename E::S* __restrict__ dy, const typename E::S* __restrict__ x,
+                                                 const typename E::S* __restrict__ y, const typename E::A* __restrict__ mu,
+                                                 typename E::A* __restrict__ sg, typename E::A* __restrict__ sgx, int64_t L) {
+  for (int64_t j = 0; j < L; ++j) {
+    typename E::A g = E::ld(y[j]) > 0 ? E::ld(dy[j]) : typename E::A(0);
+    sg[j] += g; sgx[j] += g * (E::ld(x[j]) - mu[j]);
+  }
+}
+template <typename E>
+static void __attribute__((noinline)) grad_row_y(const typename E::S* __restrict__ dy, const typename E::S* __restrict__ x,
+                                                 const typename E::S* __restrict__ y, typename E::S* __restrict__ dx,
+                                                 typename E::S* __restrict__ dr, const typename E::A* __restrict__ ga,
+                                                 const typename E::A* __restrict__ gb, const typename E::A* __restrict__ gc, int64_t L) {
+  for (int64_t j = 0; j < L; ++j) {
+    typename E::A g = E::ld(y[j]) > 0 ? E::ld(dy[j]) : typename E::A(0);
+    dx[j] = E::st(std::fma(ga[j], g, std::fma(gb[j], E::ld(x[j]), gc[j])));
+    dr[j] = E::st(g);
+  }
+}
+
+static void check_same(const at::Tensor& x, const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() && t.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "moonfast batch norm: expected ", what, " shaped, typed and laid out (channels-last) as the input");
+}
+
+at::Tensor bn_add_relu_apply(const at::Tensor& x, const at::Tensor& r, const at::Tensor& a, const at::Tensor& b) {
+  check_cl(x, "the input"); check_same(x, r, "the residual");
+  const auto N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), L = W * C, R = N * H;
+  auto y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moonfast_bn_add_relu_apply", [&] {
+    using E = Elt<scalar_t>;
+    check_rows<scalar_t>({a, b}, L);
+    const typename E::S *xp = ptr<scalar_t>(x), *rp = ptr<scalar_t>(r);
+    typename E::S* yp = ptr<scalar_t>(y);
+    const auto *ap = row_ptr<scalar_t>(a), *bp = row_ptr<scalar_t>(b);
+    at::parallel_for(0, R, 16, [&](int64_t s, int64_t e) {
+      for (int64_t i = s; i < e; ++i) add_relu_row<E>(xp + i * L, rp + i * L, yp + i * L, ap, bp, L);
+    });
+  });
+  return y;
+}
+
+std::vector<at::Tensor> bn_add_relu_grad_sums(const at::Tensor& dy_, const at::Tensor& x, const at::Tensor& y, const at::Tensor& mu) {
+  check_cl(x, "the input"); check_same(x, y, "the output");
+  auto dy = dy_.contiguous(at::MemoryFormat::ChannelsLast); check_same(x, dy, "the gradient");
+  const auto N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), L = W * C, R = N * H;
+  auto opt = x.options().dtype(at::kDouble);
+  auto sg = at::empty({C}, opt), sgx = at::empty({C}, opt);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moonfast_bn_add_relu_grad_sums", [&] {
+    using E = Elt<scalar_t>; using A = typename E::A;
+    check_rows<scalar_t>({mu}, L);
+    const typename E::S *xp = ptr<scalar_t>(x), *gp = ptr<scalar_t>(dy), *yp = ptr<scalar_t>(y);
+    const auto* mp = row_ptr<scalar_t>(mu);
+    column_sums<A>(R, L, C, sg.data_ptr<double>(), sgx.data_ptr<double>(), [&](int64_t i, A* s, A* q) {
+      acc_grad_y<E>(gp + i * L, xp + i * L, yp + i * L, mp, s, q, L);
+    });
+  });
+  return {sg, sgx};
+}
+
+std::vector<at::Tensor> bn_add_relu_grad_input(const at::Tensor& dy_, const at::Tensor& x, const at::Tensor& y,
+                                               const at::Tensor& ga, const at::Tensor& gb, const at::Tensor& gc) {
+  check_cl(x, "the input"); check_same(x, y, "the output");
+  auto dy = dy_.contiguous(at::MemoryFormat::ChannelsLast); check_same(x, dy, "the gradient");
+  const auto N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), L = W * C, R = N * H;
+  auto dx = at::empty_like(x, at::MemoryFormat::ChannelsLast), dr = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moonfast_bn_add_relu_grad_input", [&] {
+    using E = Elt<scalar_t>;
+    check_rows<scalar_t>({ga, gb, gc}, L);
+    const typename E::S *xp = ptr<scalar_t>(x), *gp = ptr<scalar_t>(dy), *yp = ptr<scalar_t>(y);
+    typename E::S *dp = ptr<scalar_t>(dx), *rp = ptr<scalar_t>(dr);
+    const auto *p1 = row_ptr<scalar_t>(ga), *p2 = row_ptr<scalar_t>(gb), *p3 = row_ptr<scalar_t>(gc);
+    at::parallel_for(0, R, 16, [&](int64_t s, int64_t e) {
+      for (int64_t i = s; i < e; ++i) grad_row_y<E>(gp + i * L, xp + i * L, yp + i * L, dp + i * L, rp + i * L, p1, p2, p3, L);
+    });
+  });
+  return {dx, dr};
+}
+
+// ---- sampling grid of a batch of 3×3 maps (affine or perspective) over normalised output coordinates ----
+static void __attribute__((noinline)) grid_row(const float* __restrict__ u, float ax, float ay, float az, float bx, float by,
+                                               float bz, float* __restrict__ o, int64_t W) {
+  for (int64_t j = 0; j < W; ++j) {
+    float x = ax * u[j] + bx, y = ay * u[j] + by, z = az * u[j] + bz;
+    o[2 * j] = x / z; o[2 * j + 1] = y / z;
+  }
+}
+
+// m: (N, 3, 3) float32; us: W and vs: H normalised output coordinates. Returns (N, H, W, 2): (x/z, y/z) for
+// (x, y, z) = m · (u, v, 1), the grid `F.grid_sample` takes (z is exactly 1 for an affine map, so x/z is x).
+at::Tensor affine_grid(const at::Tensor& m_, const at::Tensor& us_, const at::Tensor& vs_) {
+  TORCH_CHECK(m_.device().is_cpu() && m_.dim() == 3 && m_.size(1) == 3 && m_.size(2) == 3 && m_.scalar_type() == at::kFloat,
+              "moonfast affine_grid: expected (N, 3, 3) float32 CPU matrices");
+  TORCH_CHECK(us_.dim() == 1 && vs_.dim() == 1 && us_.scalar_type() == at::kFloat && vs_.scalar_type() == at::kFloat,
+              "moonfast affine_grid: expected 1-d float32 coordinates");
+  auto m = m_.contiguous(), us = us_.contiguous(), vs = vs_.contiguous();
+  const int64_t N = m.size(0), H = vs.size(0), W = us.size(0);
+  auto out = at::empty({N, H, W, 2}, m.options());
+  const float *mp = m.data_ptr<float>(), *up = us.data_ptr<float>(), *vp = vs.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N * H, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float* M = mp + (r / H) * 9;
+      const float v = vp[r % H];
+      grid_row(up, M[0], M[3], M[6], M[1] * v + M[2], M[4] * v + M[5], M[7] * v + M[8], op + r * W * 2, W);
+    }
+  });
+  return out;
+}
 '''
 
 # %% ../nbs/09b_kernels.ipynb #03faf4f2
 _EXT = {}
-_FUNCS = ['maxpool_forward', 'maxpool_backward', 'bn_stats', 'bn_apply', 'bn_grad_sums', 'bn_grad_input']
+_FUNCS = ['maxpool_forward', 'maxpool_backward', 'bn_stats', 'bn_apply', 'bn_grad_sums', 'bn_grad_input',
+          'bn_add_relu_apply', 'bn_add_relu_grad_sums', 'bn_add_relu_grad_input', 'affine_grid']
 
 def _off(name): return os.environ.get(name, '1').strip().lower() in ('0', 'false', 'no', 'off')
 
@@ -410,8 +532,10 @@ def max_pool2d(x:Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_m
 # %% ../nbs/09b_kernels.ipynb #cea5848d
 class FastMaxPool2d(nn.MaxPool2d):
     "`nn.MaxPool2d` that runs moonfast's CPU kernel where it applies (stride 1, channels-last), PyTorch's op elsewhere"
+    kernels = True   # `False`: always PyTorch's op
     def forward(self, x:Tensor) -> Tensor:
-        return max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode, self.return_indices)
+        f = max_pool2d if self.kernels else F.max_pool2d
+        return f(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode, return_indices=self.return_indices)
 
 def fast_maxpool(model:nn.Module, # changed in place
                  enable:bool=True): # `False` switches back to `nn.MaxPool2d`
@@ -427,9 +551,9 @@ def _rows(v:Tensor, W:int, dtype) -> Tensor:
     return v.to(dtype).repeat(W).contiguous()
 
 class _BatchNormCL(torch.autograd.Function):
-    "Training-mode batch norm (+ ReLU) of a channels-last CPU tensor with moonfast's kernels"
+    "Training-mode batch norm of a channels-last CPU tensor with moonfast's kernels: `bn(x)`, `relu(bn(x))` or `relu(bn(x) + r)`"
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, relu):
+    def forward(ctx, x, r, weight, bias, running_mean, running_var, momentum, eps, relu):
         ext = cpu_ext()
         N, C, H, W = x.shape; M = N*H*W
         mean, var = ext.bn_stats(x)                         # float64, biased
@@ -440,28 +564,38 @@ class _BatchNormCL(torch.autograd.Function):
         w = weight.double() if weight is not None else torch.ones_like(mean)
         b = bias.double() if bias is not None else torch.zeros_like(mean)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        a, c = _rows(w*invstd, W, acc), _rows(b - mean*w*invstd, W, acc)
-        y = ext.bn_apply(x, a, c, bool(relu))
-        ctx.save_for_backward(x, a, c, _rows(mean, W, acc))
-        ctx.stats, ctx.relu, ctx.acc, ctx.wdtype = (mean, invstd, w), bool(relu), acc, None if weight is None else weight.dtype
+        a, c, mu = _rows(w*invstd, W, acc), _rows(b - mean*w*invstd, W, acc), _rows(mean, W, acc)
+        if r is None:
+            y = ext.bn_apply(x, a, c, bool(relu))
+            ctx.save_for_backward(x, a, c, mu)
+        else:
+            y = ext.bn_add_relu_apply(x, r.contiguous(memory_format=torch.channels_last), a, c)
+            ctx.save_for_backward(x, y, mu)
+        ctx.stats, ctx.relu, ctx.residual, ctx.acc = (mean, invstd, w), bool(relu), r is not None, acc
+        ctx.wdtype = None if weight is None else weight.dtype
         return y
 
     @staticmethod
     @once_differentiable   # no second derivative: a double backward through it is refused, not silently wrong
     def backward(ctx, dy):
-        x, a, c, mu = ctx.saved_tensors
+        ext = cpu_ext()
         mean, invstd, w = ctx.stats
+        if ctx.residual: x, y, mu = ctx.saved_tensors
+        else: x, a, c, mu = ctx.saved_tensors
         N, C, H, W = x.shape; M = N*H*W
-        sg, sgx = cpu_ext().bn_grad_sums(dy.to(x.dtype), x, a, c, mu, ctx.relu)   # Σg, Σg·(x − mean), float64
-        dx = None
-        if ctx.needs_input_grad[0]:
-            ga = w * invstd
-            gb = -ga * invstd * invstd * sgx / M
-            gc = -ga * sg / M - gb * mean
-            dx = cpu_ext().bn_grad_input(dy.to(x.dtype), x, a, c, *(_rows(v, W, ctx.acc) for v in (ga, gb, gc)), ctx.relu)
-        dw = (sgx * invstd).to(ctx.wdtype) if ctx.wdtype is not None and ctx.needs_input_grad[1] else None
-        db = sg.to(ctx.wdtype) if ctx.wdtype is not None and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None
+        dy = dy.to(x.dtype)
+        # Σg and Σg·(x − mean) per channel (float64), g = dy through the ReLU's mask
+        sg, sgx = ext.bn_add_relu_grad_sums(dy, x, y, mu) if ctx.residual else ext.bn_grad_sums(dy, x, a, c, mu, ctx.relu)
+        ga = w * invstd
+        gb = -ga * invstd * invstd * sgx / M
+        gc = -ga * sg / M - gb * mean
+        rows = [_rows(v, W, ctx.acc) for v in (ga, gb, gc)]
+        dx = dr = None
+        if ctx.residual: dx, dr = ext.bn_add_relu_grad_input(dy, x, y, *rows)
+        elif ctx.needs_input_grad[0]: dx = ext.bn_grad_input(dy, x, a, c, *rows, ctx.relu)
+        dw = (sgx * invstd).to(ctx.wdtype) if ctx.wdtype is not None and ctx.needs_input_grad[2] else None
+        db = sg.to(ctx.wdtype) if ctx.wdtype is not None and ctx.needs_input_grad[3] else None
+        return dx, dr, dw, db, None, None, None, None, None
 
 def batch_norm_supported(x:Tensor) -> bool:
     "Whether moonfast's batch-norm kernels take `x`: a 4-d channels-last CPU float tensor (with the extension built)"
@@ -470,9 +604,15 @@ def batch_norm_supported(x:Tensor) -> bool:
             and cpu_ext() is not None)
 
 def batch_norm_train(x:Tensor, weight, bias, running_mean, running_var, momentum:float=0.1, eps:float=1e-5,
-                     relu:bool=False) -> Tensor:
-    "Training-mode `F.batch_norm` (then `relu` if asked) with moonfast's kernels; `DataError` where `batch_norm_supported` is false"
+                     relu:bool=False, # apply a ReLU to the result
+                     residual:Tensor|None=None) -> Tensor: # add this (shaped as `x`) before the ReLU (needs `relu=True`)
+    "Training-mode `F.batch_norm`, then `+ residual` and `relu` if asked, with moonfast's kernels; `DataError` where they do not apply"
     if not batch_norm_supported(x):
         raise DataError(f"batch_norm_train: expected a non-empty 4-d channels-last CPU float tensor and moonfast's CPU kernels, "
                         f"got {x.dtype} {tuple(x.shape)} on {x.device}" + ("" if cpu_ext() is not None else " (kernels not built)"))
-    return _BatchNormCL.apply(x, weight, bias, running_mean, running_var, momentum, eps, relu)
+    if residual is not None:
+        if not relu: raise DataError("batch_norm_train: a residual is only fused with the ReLU after it (pass relu=True)")
+        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+            raise DataError(f"batch_norm_train: residual {residual.dtype} {tuple(residual.shape)} does not match the input "
+                            f"{x.dtype} {tuple(x.shape)}")
+    return _BatchNormCL.apply(x, residual, weight, bias, running_mean, running_var, momentum, eps, relu)

@@ -37,8 +37,9 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         idt = x if self.downsample is None else self.downsample(x)
-        out = self.relu1(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + idt)
+        out = self.conv2(self.relu1(self.bn1(self.conv1(x))))
+        fused = getattr(self.bn2, 'add_relu', None)   # `moonfast.cpu.FastBatchNorm2d`: batch norm, + idt and ReLU in one pass
+        return fused(out, idt) if fused is not None else self.relu(self.bn2(out) + idt)
 
 # %% ../nbs/03_models.ipynb #f64e15cd
 def _init_cnn(m:nn.Module):
