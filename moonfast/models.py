@@ -15,7 +15,7 @@ from .core import DataError, models_path
 
 # %% auto #0
 __all__ = ['CLASSIFIER_WEIGHTS', 'DYNAMIC_UNET_KWARGS', 'BasicBlock', 'ResNet', 'resnet_course', 'resnet_body', 'double_conv',
-           'UpBlock', 'UNet', 'ResNetUNet', 'resnet_dynamic_unet', 'encoder_of', 'unet_splitter',
+           'cat_channels', 'UpBlock', 'UNet', 'ResNetUNet', 'resnet_dynamic_unet', 'encoder_of', 'unet_splitter',
            'load_encoder_weights']
 
 # %% ../nbs/03_models.ipynb #320f0183
@@ -173,14 +173,32 @@ def double_conv(ni:int, nf:int) -> nn.Sequential:
     return nn.Sequential(OrderedDict(conv1=nn.Conv2d(ni, nf, 3, padding=1), bn1=nn.BatchNorm2d(nf), relu1=nn.ReLU(inplace=True),
                                      conv2=nn.Conv2d(nf, nf, 3, padding=1), bn2=nn.BatchNorm2d(nf), relu2=nn.ReLU(inplace=True)))
 
+def _dense_format(t:torch.Tensor):
+    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() \
+        else torch.contiguous_format
+
+class _CatChannels(torch.autograd.Function):
+    "`torch.cat(ts, 1)` whose backward gives each input a dense gradient in that input's memory format"
+    @staticmethod
+    def forward(ctx, *ts):
+        ctx.sizes, ctx.fmts = [t.shape[1] for t in ts], [_dense_format(t) for t in ts]
+        return torch.cat(ts, 1)
+    @staticmethod
+    def backward(ctx, g):
+        return tuple(p.contiguous(memory_format=f) for p, f in zip(g.split(ctx.sizes, 1), ctx.fmts))
+
+def cat_channels(*ts:torch.Tensor) -> torch.Tensor:
+    "Concatenate along channels like `torch.cat(ts, 1)`; in the backward pass each input gets a dense gradient, not a strided slice"
+    return _CatChannels.apply(*ts)
+
 class UpBlock(nn.Module):
     "U-Net decoder level: 2×2 transposed conv `ni`→`nf` doubles the size, concat with the `nf`-channel skip, `double_conv`"
     def __init__(self, ni:int, nf:int):
         super().__init__()
         self.up, self.conv = nn.ConvTranspose2d(ni, nf, 2, stride=2), double_conv(2*nf, nf)
-    def forward(self, x, skip): return self.conv(torch.cat([self.up(x), skip], dim=1))
+    def forward(self, x, skip): return self.conv(cat_channels(self.up(x), skip))
 
-# %% ../nbs/03_models.ipynb #d25f044d
+# %% ../nbs/03_models.ipynb #bd1cdfe7
 class UNet(nn.Module):
     "The course's plain U-Net: `double_conv` levels, max-pool down, transposed conv up, 1×1 conv to `n_out` logits"
     def __init__(self, in_channels:int=3, # channels of the input image
@@ -209,7 +227,7 @@ class UNet(nn.Module):
         for up, s in zip(self.decoder, reversed(skips)): x = up(x, s)
         return self.head(x)[..., :h, :w]
 
-# %% ../nbs/03_models.ipynb #abe15e7c
+# %% ../nbs/03_models.ipynb #f670db55
 class ResNetUNet(nn.Module):
     "The course's U-Net over the ResNet: stem and stages 2…n as encoder, resized block outputs as skips, plain U-Net decoder"
     def __init__(self, pretrained:bool|str|Path=False, # encoder weights, as in `resnet_course`
@@ -241,7 +259,7 @@ class ResNetUNet(nn.Module):
         for up, s in zip(self.decoder, reversed(skips)): x = up(x, s)
         return self.head(x)[..., :h, :w]
 
-# %% ../nbs/03_models.ipynb #f670db55
+# %% ../nbs/03_models.ipynb #7249a563
 DYNAMIC_UNET_KWARGS = dict(blur=True, blur_final=True, self_attention=False, y_range=None, last_cross=True,
                            bottle=False, norm_type=None, act_cls=nn.ReLU)
 _RESNET_KWARGS = ('layers_config', 'in_channels', 'layer0_channels')
@@ -256,7 +274,7 @@ def resnet_dynamic_unet(pretrained:bool|str|Path=False, # encoder weights, as in
     model = DynamicUnet(resnet_body(pretrained, **rkw), n_out, tuple(img_size), **{**DYNAMIC_UNET_KWARGS, **kwargs})
     return model.train()  # DynamicUnet leaves the modules it probed in eval mode
 
-# %% ../nbs/03_models.ipynb #3f2aa22b
+# %% ../nbs/03_models.ipynb #fd691681
 def encoder_of(model:nn.Module) -> nn.Module:
     "The encoder of a moonfast model: `model[0]` of a DynamicUnet, `model.encoder` of `ResNetUNet`/`UNet`, a ResNet's body"
     if isinstance(model, DynamicUnet): return model[0]
@@ -273,10 +291,10 @@ def unet_splitter(model:nn.Module) -> list[list[nn.Parameter]]:
     ids = {id(p) for p in enc}
     return [enc, [p for p in model.parameters() if id(p) not in ids]]
 
-# %% ../nbs/03_models.ipynb #3301b96c
+# %% ../nbs/03_models.ipynb #8b110925
 model_meta[resnet_course] = {'cut': _resnet_cut, 'split': unet_splitter, 'stats': imagenet_stats}
 
-# %% ../nbs/03_models.ipynb #af155956
+# %% ../nbs/03_models.ipynb #cb47dce7
 def load_encoder_weights(model:nn.Module, # a `ResNetUNet`, a `resnet_dynamic_unet`, or anything `encoder_of` knows
                          src, # the classifier: a path to its state dict, or the state dict
                          strict:bool=True): # raise on missing/unexpected keys (mis-shaped ones always raise)
