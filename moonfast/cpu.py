@@ -98,18 +98,20 @@ class FastBatchNorm2d(nn.BatchNorm2d):
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         return (x, self.weight, self.bias, self.running_mean, self.running_var, momentum, self.eps)
 
-    def forward(self, x:Tensor) -> Tensor:
+    def forward(self, x:Tensor) -> Tensor: return self._norm(x, self.relu)
+
+    def _norm(self, x:Tensor, relu:bool) -> Tensor:
         kernel = self._kernel(x)
         if not kernel and not self._folds(x):
             y = super().forward(x)
-            return F.relu(y, inplace=True) if self.relu else y
-        if kernel: return batch_norm_train(*self._args(x), relu=self.relu)
+            return F.relu(y, inplace=True) if relu else y
+        if kernel: return batch_norm_train(*self._args(x), relu=relu)
         y = _FoldedBatchNorm.apply(*self._args(x))
-        return y.relu_() if self.relu else y
+        return y.relu_() if relu else y
 
     def add_relu(self, x:Tensor, r:Tensor) -> Tensor:
-        "`relu(self(x) + r)` (a residual block's end), in one fused pass where moonfast's kernels apply"
-        if self.relu or not (self._kernel(x) and r.shape == x.shape and r.dtype == x.dtype): return F.relu(self(x) + r)
+        "`relu(bn(x) + r)` (a residual block's end; `bn` without any fused ReLU), in one pass where moonfast's kernels apply"
+        if not (self._kernel(x) and r.shape == x.shape and r.dtype == x.dtype): return F.relu(self._norm(x, False) + r)
         return batch_norm_train(*self._args(x), relu=True, residual=r)
 
 class FusedReLU(nn.ReLU):
