@@ -8,7 +8,7 @@ import ctypes, ctypes.util, math, os, platform
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from .kernels import batch_norm_supported, batch_norm_train
+from .kernels import batch_norm_supported, batch_norm_train, is_channels_last, swap_class
 
 # %% auto #0
 __all__ = ['fold_factor', 'folded_rows', 'FastBatchNorm2d', 'FusedReLU', 'fast_batchnorm', 'tune_allocator']
@@ -85,9 +85,8 @@ class FastBatchNorm2d(nn.BatchNorm2d):
     kernels = True    # use moonfast's compiled kernels where they are built (`False`: the folded path only)
 
     def _cl_train(self, x:Tensor) -> bool:
-        return (self.training and self.track_running_stats and x.device.type == 'cpu' and x.dim() == 4
-                and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous(memory_format=torch.channels_last)
-                and not x.is_contiguous())
+        return (self.training and self.track_running_stats and x.device.type == 'cpu'
+                and x.dtype in (torch.float32, torch.bfloat16) and is_channels_last(x))
     def _folds(self, x:Tensor) -> bool: return self._cl_train(x) and fold_factor(x.shape[1], x.numel() // x.shape[1]) > 1
     def _kernel(self, x:Tensor) -> bool: return self.kernels and self._cl_train(x) and batch_norm_supported(x)
 
@@ -130,9 +129,7 @@ def _bn_relu_pairs(model:nn.Module):
 def fast_batchnorm(model:nn.Module, # changed in place
                    enable:bool=True): # `False` switches back to `nn.BatchNorm2d` and unfuses the ReLUs
     "Make every `nn.BatchNorm2d` of `model` a `FastBatchNorm2d` fused with the ReLU after it (or back); parameters, buffers and state dict are untouched"
-    src, dst = (nn.BatchNorm2d, FastBatchNorm2d) if enable else (FastBatchNorm2d, nn.BatchNorm2d)
-    for m in model.modules():
-        if type(m) is src: m.__class__ = dst
+    swap_class(model, *((nn.BatchNorm2d, FastBatchNorm2d) if enable else (FastBatchNorm2d, nn.BatchNorm2d)))
     for bn, act in list(_bn_relu_pairs(model)):
         if enable and type(bn) is FastBatchNorm2d and type(act) is nn.ReLU: bn.relu, act.__class__ = True, FusedReLU
         elif not enable and type(act) is FusedReLU: bn.__dict__.pop('relu', None); act.__class__ = nn.ReLU

@@ -9,10 +9,11 @@ from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from .core import DataError
 
 # %% auto #0
-__all__ = ['ext_name', 'cpu_ext', 'maxpool_supported', 'max_pool2d', 'FastMaxPool2d', 'fast_maxpool', 'batch_norm_supported',
-           'batch_norm_train']
+__all__ = ['ext_name', 'cpu_ext', 'is_channels_last', 'swap_class', 'maxpool_supported', 'max_pool2d', 'FastMaxPool2d',
+           'fast_maxpool', 'batch_norm_supported', 'batch_norm_train']
 
 # %% ../nbs/09b_kernels.ipynb #4b1569a6
 _KERNELS_CPP = r'''
@@ -498,6 +499,17 @@ def cpu_ext():
     return mod
 
 # %% ../nbs/09b_kernels.ipynb #de040916
+def is_channels_last(t:Tensor) -> bool:
+    "Whether `t` is a 4-d tensor in channels-last memory that is not also plain contiguous (the layout moonfast's CPU kernels take)"
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+def swap_class(model:nn.Module, src:type, dst:type) -> nn.Module:
+    "Switch every module of `model` whose type is exactly `src` to `dst` in place (parameters, buffers, hooks stay)"
+    for m in model.modules():
+        if type(m) is src: m.__class__ = dst
+    return model
+
+# %% ../nbs/09b_kernels.ipynb #f53e4aa1
 class _MaxPoolCL(torch.autograd.Function):
     "Stride-1 max pool of a channels-last CPU tensor with moonfast's kernel"
     @staticmethod
@@ -520,8 +532,7 @@ def maxpool_supported(x:Tensor, kernel_size, stride, padding, dilation=1, ceil_m
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = map(_pair, (kernel_size, stride if stride is not None else kernel_size, padding, dilation))
     return (kh == kw and 1 <= kh and kh*kh < 255 and sh == sw == 1 and ph == pw and 0 <= 2*ph <= kh and dh == dw == 1
             and not ceil_mode and not return_indices and x.device.type == 'cpu' and x.dim() == 4
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float64) and x.shape[1] > 1
-            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float64) and is_channels_last(x)
             and min(x.shape[2:]) + 2*ph >= kh and cpu_ext() is not None)
 
 def max_pool2d(x:Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
@@ -530,7 +541,7 @@ def max_pool2d(x:Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_m
         return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode, return_indices=return_indices)
     return _MaxPoolCL.apply(x, _pair(kernel_size)[0], _pair(padding)[0])
 
-# %% ../nbs/09b_kernels.ipynb #cea5848d
+# %% ../nbs/09b_kernels.ipynb #4a6b161a
 class FastMaxPool2d(nn.MaxPool2d):
     "`nn.MaxPool2d` that runs moonfast's CPU kernel where it applies (stride 1, channels-last), PyTorch's op elsewhere"
     kernels = True   # `False`: always PyTorch's op
@@ -541,12 +552,9 @@ class FastMaxPool2d(nn.MaxPool2d):
 def fast_maxpool(model:nn.Module, # changed in place
                  enable:bool=True): # `False` switches back to `nn.MaxPool2d`
     "Make every `nn.MaxPool2d` of `model` a `FastMaxPool2d` (or back); it has no parameters, so nothing else changes"
-    src, dst = (nn.MaxPool2d, FastMaxPool2d) if enable else (FastMaxPool2d, nn.MaxPool2d)
-    for m in model.modules():
-        if type(m) is src: m.__class__ = dst
-    return model
+    return swap_class(model, *((nn.MaxPool2d, FastMaxPool2d) if enable else (FastMaxPool2d, nn.MaxPool2d)))
 
-# %% ../nbs/09b_kernels.ipynb #afe3dbd6
+# %% ../nbs/09b_kernels.ipynb #36c2714b
 def _rows(v:Tensor, W:int, dtype) -> Tensor:
     "Per-channel values `v` repeated along an image row of `W` pixels (the kernels' per-column constants)"
     return v.to(dtype).repeat(W).contiguous()
@@ -600,9 +608,8 @@ class _BatchNormCL(torch.autograd.Function):
 
 def batch_norm_supported(x:Tensor) -> bool:
     "Whether moonfast's batch-norm kernels take `x`: a 4-d channels-last CPU float tensor (with the extension built)"
-    return (x.device.type == 'cpu' and x.dim() == 4 and x.dtype in (torch.float32, torch.bfloat16, torch.float64)
-            and x.numel() > 0 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            and cpu_ext() is not None)
+    return (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.bfloat16, torch.float64) and x.numel() > 0
+            and is_channels_last(x) and cpu_ext() is not None)
 
 def batch_norm_train(x:Tensor, weight, bias, running_mean, running_var, momentum:float=0.1, eps:float=1e-5,
                      relu:bool=False, # apply a ReLU to the result

@@ -12,6 +12,7 @@ from fastai.vision.core import imagenet_stats
 from fastai.vision.learner import model_meta
 from fastai.vision.models.unet import DynamicUnet
 from .core import DataError, models_path
+from .kernels import is_channels_last
 
 # %% auto #0
 __all__ = ['CLASSIFIER_WEIGHTS', 'DYNAMIC_UNET_KWARGS', 'BasicBlock', 'ResNet', 'resnet_course', 'resnet_body', 'double_conv',
@@ -174,8 +175,7 @@ def double_conv(ni:int, nf:int) -> nn.Sequential:
                                      conv2=nn.Conv2d(nf, nf, 3, padding=1), bn2=nn.BatchNorm2d(nf), relu2=nn.ReLU(inplace=True)))
 
 def _dense_format(t:torch.Tensor):
-    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() \
-        else torch.contiguous_format
+    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
 
 class _CatChannels(torch.autograd.Function):
     "`torch.cat(ts, 1)` whose backward gives each input a dense gradient in that input's memory format"
