@@ -13,7 +13,8 @@ from .core import DataError
 
 # %% auto #0
 __all__ = ['ext_name', 'cpu_ext', 'is_channels_last', 'swap_class', 'maxpool_supported', 'max_pool2d', 'FastMaxPool2d',
-           'fast_maxpool', 'batch_norm_supported', 'batch_norm_train']
+           'fast_maxpool', 'batch_norm_supported', 'batch_norm_train', 'upconv_supported', 'FastConvTranspose2d',
+           'fast_upconv']
 
 # %% ../nbs/09b_kernels.ipynb #4b1569a6
 _KERNELS_CPP = r'''
@@ -239,7 +240,7 @@ template <typename T> static const typename Elt<T>::A* row_ptr(const at::Tensor&
 template <typename T> static void check_rows(std::initializer_list<at::Tensor> ts, int64_t L) {
   for (const auto& t : ts)
     TORCH_CHECK(t.numel() == L && t.is_contiguous() && t.scalar_type() == c10::CppTypeToScalarType<typename Elt<T>::A>::value,
-                "moonfast batch norm: expected per-column constants of ", L, " values in the accumulation type");
+                "moonfast kernels: expected per-column constants of ", L, " values in the accumulation type");
 }
 
 // Biased mean and variance per channel (float64), from sums shifted by the first pixel's values.
@@ -421,6 +422,87 @@ std::vector<at::Tensor> bn_add_relu_grad_input(const at::Tensor& dy_, const at::
   return {dx, dr};
 }
 
+// ---- 2×2 stride-2 transposed conv: its products z (N, H, W, 2, 2, Co) placed on the doubled grid, + bias, next to a skip ----
+// Output pixel (2h+a, 2w+b) of image n takes z[n, h, w, a, b] + bias, then the skip's Cs channels; channels-last.
+template <typename E>
+static void __attribute__((noinline)) upcat_row(const typename E::S* __restrict__ z, const typename E::A* __restrict__ bias,
+                                                const typename E::S* __restrict__ s, typename E::S* __restrict__ o,
+                                                int64_t W, int64_t Co, int64_t Cs) {
+  const int64_t P = Co + Cs;
+  for (int64_t q = 0; q < 2 * W; ++q) {          // output pixel q = 2w + b reads z at w·4Co + b·Co
+    const typename E::S* zp = z + (q >> 1) * 4 * Co + (q & 1) * Co;
+    typename E::S* op = o + q * P;
+    for (int64_t c = 0; c < Co; ++c) op[c] = E::st(E::ld(zp[c]) + bias[c]);
+    if (Cs) std::memcpy(op + Co, s + q * Cs, Cs * sizeof(typename E::S));
+  }
+}
+template <typename E>
+static void __attribute__((noinline)) upcat_grad_row(const typename E::S* __restrict__ g, typename E::S* __restrict__ dz,
+                                                     typename E::S* __restrict__ ds, typename E::A* __restrict__ sb,
+                                                     int64_t W, int64_t Co, int64_t Cs) {
+  const int64_t P = Co + Cs;
+  for (int64_t q = 0; q < 2 * W; ++q) {
+    const typename E::S* gp = g + q * P;
+    typename E::S* zp = dz + (q >> 1) * 4 * Co + (q & 1) * Co;
+    for (int64_t c = 0; c < Co; ++c) { zp[c] = gp[c]; sb[c] += E::ld(gp[c]); }
+    if (Cs) std::memcpy(ds + q * Cs, gp + Co, Cs * sizeof(typename E::S));
+  }
+}
+
+// z: (N, H, W, 4·Co) contiguous; bias: Co values in the accumulation type; skip: (N, Cs, 2H, 2W) channels-last or an empty tensor.
+at::Tensor upcat_forward(const at::Tensor& z, const at::Tensor& bias, const at::Tensor& skip) {
+  TORCH_CHECK(z.device().is_cpu() && z.dim() == 4 && z.is_contiguous() && z.size(3) % 4 == 0,
+              "moonfast up_cat: expected (N, H, W, 4·C) contiguous CPU products");
+  const int64_t N = z.size(0), H = z.size(1), W = z.size(2), Co = z.size(3) / 4;
+  const bool has_skip = skip.numel() > 0;
+  const int64_t Cs = has_skip ? skip.size(1) : 0;
+  if (has_skip)
+    TORCH_CHECK(skip.dim() == 4 && skip.size(0) == N && skip.size(2) == 2 * H && skip.size(3) == 2 * W &&
+                skip.is_contiguous(at::MemoryFormat::ChannelsLast) && skip.scalar_type() == z.scalar_type(),
+                "moonfast up_cat: expected a channels-last skip of shape (", N, ", C, ", 2 * H, ", ", 2 * W, ") and dtype ",
+                z.scalar_type());
+  auto out = at::empty({N, Co + Cs, 2 * H, 2 * W}, z.options().memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, z.scalar_type(), "moonfast_upcat_forward", [&] {
+    using E = Elt<scalar_t>;
+    check_rows<scalar_t>({bias}, Co);
+    const typename E::S* zp = ptr<scalar_t>(z); typename E::S* op = ptr<scalar_t>(out);
+    const typename E::S* sp = has_skip ? ptr<scalar_t>(skip) : nullptr;
+    const auto* bp = row_ptr<scalar_t>(bias);
+    at::parallel_for(0, N * 2 * H, 8, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {          // output row r = (n, 2h + a)
+        const int64_t nh = r >> 1, a = r & 1;
+        upcat_row<E>(zp + nh * W * 4 * Co + a * 2 * Co, bp, sp ? sp + r * 2 * W * Cs : nullptr, op + r * 2 * W * (Co + Cs),
+                     W, Co, Cs);
+      }
+    });
+  });
+  return out;
+}
+
+// g: gradient of upcat_forward's output (channels-last). Returns dz (N, H, W, 4·Co), the bias gradient (Co, float64) and
+// the skip's gradient (channels-last, dense; empty where Cs is 0).
+std::vector<at::Tensor> upcat_backward(const at::Tensor& g_, int64_t Co) {
+  auto g = g_.contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(g.device().is_cpu() && g.dim() == 4 && g.size(1) >= Co && g.size(2) % 2 == 0 && g.size(3) % 2 == 0,
+              "moonfast up_cat: unexpected gradient shape");
+  const int64_t N = g.size(0), Cs = g.size(1) - Co, H = g.size(2) / 2, W = g.size(3) / 2;
+  auto dz = at::empty({N, H, W, 4 * Co}, g.options());
+  auto ds = Cs ? at::empty({N, Cs, 2 * H, 2 * W}, g.options().memory_format(at::MemoryFormat::ChannelsLast))
+               : at::empty({0}, g.options());
+  auto db = at::empty({Co}, g.options().dtype(at::kDouble)), dummy = at::empty({Co}, g.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "moonfast_upcat_backward", [&] {
+    using E = Elt<scalar_t>; using A = typename E::A;
+    const typename E::S* gp = ptr<scalar_t>(g); typename E::S* zp = ptr<scalar_t>(dz);
+    typename E::S* sp = Cs ? ptr<scalar_t>(ds) : nullptr;
+    column_sums<A>(N * 2 * H, Co, Co, db.data_ptr<double>(), dummy.data_ptr<double>(), [&](int64_t r, A* s, A*) {
+      const int64_t nh = r >> 1, a = r & 1;
+      upcat_grad_row<E>(gp + r * 2 * W * (Co + Cs), zp + nh * W * 4 * Co + a * 2 * Co, sp ? sp + r * 2 * W * Cs : nullptr,
+                        s, W, Co, Cs);
+    });
+  });
+  return {dz, db, ds};
+}
+
 // ---- sampling grid of a batch of 3×3 maps (affine or perspective) over normalised output coordinates ----
 static void __attribute__((noinline)) grid_row(const float* __restrict__ u, float ax, float ay, float az, float bx, float by,
                                                float bz, float* __restrict__ o, int64_t W) {
@@ -456,7 +538,8 @@ at::Tensor affine_grid(const at::Tensor& m_, const at::Tensor& us_, const at::Te
 # %% ../nbs/09b_kernels.ipynb #03faf4f2
 _EXT = {}
 _FUNCS = ['maxpool_forward', 'maxpool_backward', 'bn_stats', 'bn_apply', 'bn_grad_sums', 'bn_grad_input',
-          'bn_add_relu_apply', 'bn_add_relu_grad_sums', 'bn_add_relu_grad_input', 'affine_grid']
+          'bn_add_relu_apply', 'bn_add_relu_grad_sums', 'bn_add_relu_grad_input', 'affine_grid',
+          'upcat_forward', 'upcat_backward']
 
 def _off(name): return os.environ.get(name, '1').strip().lower() in ('0', 'false', 'no', 'off')
 
@@ -624,3 +707,58 @@ def batch_norm_train(x:Tensor, weight, bias, running_mean, running_var, momentum
             raise DataError(f"batch_norm_train: residual {residual.dtype} {tuple(residual.shape)} does not match the input "
                             f"{x.dtype} {tuple(x.shape)}")
     return _BatchNormCL.apply(x, residual, weight, bias, running_mean, running_var, momentum, eps, relu)
+
+# %% ../nbs/09b_kernels.ipynb #e94a7463
+class _UpCat(torch.autograd.Function):
+    "Place the 2×2 blocks `z` (N, H, W, 4·Cout) of a stride-2 transposed conv on the doubled grid, add `bias`, concat `skip`"
+    @staticmethod
+    def forward(ctx, z, bias, skip):
+        co, acc = z.shape[-1] // 4, torch.float64 if z.dtype == torch.float64 else torch.float32
+        b = bias.detach().to(acc).contiguous() if bias is not None else z.new_zeros(co, dtype=acc)
+        s = skip.contiguous(memory_format=torch.channels_last) if skip is not None else z.new_empty(0)
+        ctx.co, ctx.bdtype, ctx.skip = co, None if bias is None else bias.dtype, skip is not None
+        return cpu_ext().upcat_forward(z, b, s)
+
+    @staticmethod
+    @once_differentiable   # no second derivative: a double backward through it is refused, not silently wrong
+    def backward(ctx, g):
+        dz, db, ds = cpu_ext().upcat_backward(g, ctx.co)
+        return dz, (db.to(ctx.bdtype) if ctx.bdtype is not None and ctx.needs_input_grad[1] else None), (ds if ctx.skip else None)
+
+def upconv_supported(m:nn.ConvTranspose2d, x:Tensor) -> bool:
+    "Whether moonfast's path computes `m(x)`: a 2×2, stride-2, unpadded, ungrouped transposed conv of a 4-d CPU float tensor"
+    return (isinstance(m, nn.ConvTranspose2d) and tuple(m.kernel_size) == (2, 2) and tuple(m.stride) == (2, 2)
+            and tuple(m.padding) == (0, 0) and tuple(m.output_padding) == (0, 0) and tuple(m.dilation) == (1, 1)
+            and m.groups == 1 and m.padding_mode == 'zeros' and x.device.type == 'cpu' and x.dim() == 4
+            and x.shape[1] == m.in_channels and x.numel() > 0 and x.dtype in (torch.float32, torch.bfloat16, torch.float64)
+            and m.weight.device.type == 'cpu' and cpu_ext() is not None)
+
+def _up_products(m:nn.ConvTranspose2d, x:Tensor) -> Tensor:
+    "The (N, H, W, 4·Cout) products `x[h, w] @ weight[:, :, a, b]` as one matrix product (under autocast, in its dtype)"
+    N, C, H, W = x.shape
+    z = x.permute(0, 2, 3, 1).reshape(N*H*W, C) @ m.weight.permute(0, 2, 3, 1).reshape(C, 4*m.out_channels)
+    return z.view(N, H, W, 4*m.out_channels)
+
+class FastConvTranspose2d(nn.ConvTranspose2d):
+    "`nn.ConvTranspose2d` that runs a 2×2 stride-2 transposed conv as a matrix product and moonfast's placement kernel on the CPU"
+    kernels = True   # `False`: always PyTorch's op
+    def forward(self, x:Tensor, output_size=None) -> Tensor:
+        if output_size is not None or not (self.kernels and upconv_supported(self, x)): return super().forward(x, output_size)
+        return _UpCat.apply(_up_products(self, x), self.bias, None)
+
+    def cat(self, x:Tensor, skip:Tensor, # `self(x)` and `skip` joined along channels; `skip` is (N, C, 2H, 2W)
+            concat=None) -> Tensor: # joins them where the fused pass does not apply (default `torch.cat` along channels)
+        "`concat(self(x), skip)`, in one pass with the transposed conv where it applies"
+        if not (self.kernels and upconv_supported(self, x)) or skip.device != x.device or skip.dim() != 4:
+            return (concat or (lambda a, b: torch.cat([a, b], 1)))(self(x), skip)
+        if skip.shape[0] != x.shape[0] or tuple(skip.shape[2:]) != (2*x.shape[2], 2*x.shape[3]):
+            raise DataError(f"FastConvTranspose2d.cat: skip of shape {tuple(skip.shape)} does not match the upsampled input: "
+                            f"expected ({x.shape[0]}, C, {2*x.shape[2]}, {2*x.shape[3]})")
+        z = _up_products(self, x)
+        if skip.dtype != z.dtype: return (concat or (lambda a, b: torch.cat([a, b], 1)))(_UpCat.apply(z, self.bias, None), skip)
+        return _UpCat.apply(z, self.bias, skip)
+
+def fast_upconv(model:nn.Module, # changed in place
+                enable:bool=True): # `False` switches back to `nn.ConvTranspose2d`
+    "Make every `nn.ConvTranspose2d` of `model` a `FastConvTranspose2d` (or back); parameters and state dict stay as they are"
+    return swap_class(model, *((nn.ConvTranspose2d, FastConvTranspose2d) if enable else (FastConvTranspose2d, nn.ConvTranspose2d)))

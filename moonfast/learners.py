@@ -13,8 +13,8 @@ from .core import *
 from .data import *
 from .models import *
 from .metrics import *
-from .cpu import fast_batchnorm, tune_allocator
-from .kernels import fast_maxpool
+from .cpu import FusedAdam, fast_batchnorm, tune_allocator
+from .kernels import fast_maxpool, fast_upconv
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'SEG_ARCHS', 'cpu_bf16_supported', 'CPUMixedPrecision', 'resolve_precision', 'precision_cbs',
@@ -36,12 +36,12 @@ class CPUMixedPrecision(Callback):
     "Train and validate under CPU bf16 autocast, optionally in channels-last memory format with moonfast's CPU speed-ups"
     order = MixedPrecision.order
     def __init__(self, channels_last:bool=False, # also convert model and batches to channels-last memory format
-                 speedups:bool=True): # with channels-last: `FastBatchNorm2d`, `tune_allocator` (`moonfast.cpu`), `FastMaxPool2d` (`moonfast.kernels`)
+                 speedups:bool=True): # with channels-last: `FastBatchNorm2d`, `tune_allocator` (`moonfast.cpu`), `FastMaxPool2d`, `FastConvTranspose2d` (`moonfast.kernels`)
         self.channels_last, self.speedups, self._ac = channels_last, speedups, None
     def before_fit(self):
         if not self.channels_last: return
         self.learn.model.to(memory_format=torch.channels_last)
-        if self.speedups: fast_batchnorm(self.learn.model); fast_maxpool(self.learn.model); tune_allocator()
+        if self.speedups: fast_batchnorm(self.learn.model); fast_maxpool(self.learn.model); fast_upconv(self.learn.model); tune_allocator()
     def before_batch(self):
         if self.channels_last:
             self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) if isinstance(x, Tensor) and x.ndim == 4
@@ -70,7 +70,7 @@ def resolve_precision(precision:str='auto') -> str:
 def precision_cbs(precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16'
                   channels_last:bool=True, # channels-last memory format (CPU bf16 only)
                   cuda:bool=None, # whether training runs on CUDA (default: `torch.cuda.is_available()`)
-                  speedups:bool=True): # CPU bf16 channels-last: moonfast's batch norm, max pool and allocator setting
+                  speedups:bool=True): # CPU bf16 channels-last: moonfast's batch norm, max pool, transposed conv and allocator setting
     "The mixed-precision callbacks for `precision` on this machine"
     p = resolve_precision(precision)
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -259,7 +259,7 @@ def classifier_learner(data, # a Tiny ImageNet-layout folder, or DataLoaders fro
     dls = data if isinstance(data, DataLoaders) else imagenet_dls(data, wnids=wnids, size=size, bs=bs, **(dls_kwargs or {}))
     model = resnet_course(pretrained=pretrained, num_classes=len(dls.vocab))
     loss = LabelSmoothingCrossEntropyFlat(eps=label_smoothing) if label_smoothing else CrossEntropyLossFlat()
-    kwargs.setdefault('path', project_root()); kwargs.setdefault('opt_func', Adam)
+    kwargs.setdefault('path', project_root()); kwargs.setdefault('opt_func', FusedAdam)
     return Learner(dls, model, loss_func=loss, metrics=[accuracy, top5_accuracy],
                    cbs=_learner_cbs(precision, channels_last, cbs), **kwargs)
 
@@ -298,7 +298,7 @@ def seg_learner(data, # a segmentation dataset folder (any layout `seg_dls` read
     dls = data if isinstance(data, DataLoaders) else seg_dls(data, size=size, bs=bs, **(dls_kwargs or {}))
     img_size = tuple(dls.one_batch()[0].shape[-2:]) if isinstance(data, DataLoaders) else ((size, size) if isinstance(size, int) else tuple(size))
     model = seg_model(arch, pretrained, img_size)
-    kwargs.setdefault('path', project_root()); kwargs.setdefault('opt_func', Adam)
+    kwargs.setdefault('path', project_root()); kwargs.setdefault('opt_func', FusedAdam)
     if arch != 'unet': kwargs.setdefault('splitter', unet_splitter)
     learn = Learner(dls, model, loss_func=BCEDiceLoss(bce_weight, dice_weight), metrics=seg_metrics(),
                     cbs=_learner_cbs(precision, channels_last, cbs), **kwargs)

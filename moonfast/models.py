@@ -12,7 +12,7 @@ from fastai.vision.core import imagenet_stats
 from fastai.vision.learner import model_meta
 from fastai.vision.models.unet import DynamicUnet
 from .core import DataError, models_path
-from .kernels import is_channels_last
+from .kernels import FastConvTranspose2d, is_channels_last
 
 # %% auto #0
 __all__ = ['CLASSIFIER_WEIGHTS', 'DYNAMIC_UNET_KWARGS', 'BasicBlock', 'ResNet', 'resnet_course', 'resnet_body', 'double_conv',
@@ -196,7 +196,9 @@ class UpBlock(nn.Module):
     def __init__(self, ni:int, nf:int):
         super().__init__()
         self.up, self.conv = nn.ConvTranspose2d(ni, nf, 2, stride=2), double_conv(2*nf, nf)
-    def forward(self, x, skip): return self.conv(cat_channels(self.up(x), skip))
+    def forward(self, x, skip):
+        if isinstance(self.up, FastConvTranspose2d): return self.conv(self.up.cat(x, skip, cat_channels))  # one fused pass
+        return self.conv(cat_channels(self.up(x), skip))
 
 # %% ../nbs/03_models.ipynb #bd1cdfe7
 class UNet(nn.Module):
