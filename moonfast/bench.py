@@ -19,7 +19,8 @@ from .data import imagenet_dls, seg_dls
 from .synth import make_lunar_dataset
 from .models import resnet_course, UNet
 from .metrics import BCEDiceLoss
-from .learners import classifier_learner, seg_learner, resolve_precision, cpu_bf16_supported
+from fastai.callback.fp16 import MixedPrecision
+from .learners import classifier_learner, seg_learner, resolve_precision, cpu_bf16_supported, CPUMixedPrecision
 from .experiments import to_markdown
 from .baseline import *
 from .baseline import _device, _sync, _baseline_parts, _n_batches
@@ -156,15 +157,35 @@ def learner_step_rate(learn, # a moonfast `Learner`
     rows = prof.rows[warmup:]
     return sum(r['images'] for r in rows)/sum(sum(r[k] for k in PHASES) for r in rows)
 
+def _infer_setup(learn):
+    "The autocast dtype (or None) and whether inputs go channels-last, as `learn`'s precision callbacks train"
+    for cb in learn.cbs:
+        if isinstance(cb, CPUMixedPrecision):
+            if cb.channels_last: cb.learn = learn; cb.before_fit()    # the model as it trains: channels-last, speed-ups
+            return torch.bfloat16, cb.channels_last
+        if isinstance(cb, MixedPrecision):
+            return (torch.bfloat16 if str(getattr(cb, 'amp_mode', '')).lower().endswith('bf16') else torch.float16), False
+    return None, False
+
 def learner_infer_rate(learn, batches:list, warmup:int=1) -> float:
-    "Inference images/s of `learn.get_preds` (with the learner's precision callbacks) on in-memory `batches`"
+    "Inference images/s of `learn`'s model on the inputs of in-memory `batches`: eval mode, no gradients, its precision and memory format"
     if len(batches) <= warmup: raise DataError(f"{len(batches)} batches with warmup={warmup}: expected more batches than warmup")
-    with learn.no_bar(), learn.no_logging():
-        learn.get_preds(dl=list(batches[:warmup]))
-        t = time.perf_counter()
-        learn.get_preds(dl=list(batches[warmup:]))
-        secs = time.perf_counter() - t
-    return sum(len(b[0]) for b in batches[warmup:])/secs
+    dtype, cl = _infer_setup(learn)
+    model, dev = learn.model, next(learn.model.parameters()).device
+    was_training = model.training; model.eval()
+    def run(bs):
+        n = 0
+        for b in bs:
+            x = b[0].to(dev)
+            if cl and x.dim() == 4: x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None): model(x)
+            n += len(x)
+        _sync(dev); return n
+    try:
+        with torch.no_grad():
+            run(batches[:warmup]); t = time.perf_counter(); n = run(batches[warmup:])
+            return n/(time.perf_counter() - t)
+    finally: model.train(was_training)
 
 # %% ../nbs/08_bench.ipynb #a343a82e
 class _NoValidation(Callback):
