@@ -154,11 +154,8 @@ def tune_allocator() -> bool:
     return _TUNED
 
 # %% ../nbs/09_cpu.ipynb #e8ff94fe
-def _dense(t:Tensor) -> bool:
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
-
 def _fusable(p:Tensor) -> bool:
-    return (hasattr(torch, '_fused_adamw_') and p.device.type in ('cpu', 'cuda') and _dense(p)
+    return (hasattr(torch, '_fused_adamw_') and p.device.type in ('cpu', 'cuda') and (p.is_contiguous() or is_channels_last(p))
             and p.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16))
 
 def _adam_step(p, g, m, v, step, lr, mom, sqr_mom, eps, wd):

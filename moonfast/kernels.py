@@ -739,6 +739,8 @@ def _up_products(m:nn.ConvTranspose2d, x:Tensor) -> Tensor:
     z = x.permute(0, 2, 3, 1).reshape(N*H*W, C) @ m.weight.permute(0, 2, 3, 1).reshape(C, 4*m.out_channels)
     return z.view(N, H, W, 4*m.out_channels)
 
+def _cat1(a:Tensor, b:Tensor) -> Tensor: return torch.cat([a, b], 1)
+
 class FastConvTranspose2d(nn.ConvTranspose2d):
     "`nn.ConvTranspose2d` that runs a 2×2 stride-2 transposed conv as a matrix product and moonfast's placement kernel on the CPU"
     kernels = True   # `False`: always PyTorch's op
@@ -750,12 +752,12 @@ class FastConvTranspose2d(nn.ConvTranspose2d):
             concat=None) -> Tensor: # joins them where the fused pass does not apply (default `torch.cat` along channels)
         "`concat(self(x), skip)`, in one pass with the transposed conv where it applies"
         if not (self.kernels and upconv_supported(self, x)) or skip.device != x.device or skip.dim() != 4:
-            return (concat or (lambda a, b: torch.cat([a, b], 1)))(self(x), skip)
+            return (concat or _cat1)(self(x), skip)
         if skip.shape[0] != x.shape[0] or tuple(skip.shape[2:]) != (2*x.shape[2], 2*x.shape[3]):
             raise DataError(f"FastConvTranspose2d.cat: skip of shape {tuple(skip.shape)} does not match the upsampled input: "
                             f"expected ({x.shape[0]}, C, {2*x.shape[2]}, {2*x.shape[3]})")
         z = _up_products(self, x)
-        if skip.dtype != z.dtype: return (concat or (lambda a, b: torch.cat([a, b], 1)))(_UpCat.apply(z, self.bias, None), skip)
+        if skip.dtype != z.dtype: return (concat or _cat1)(_UpCat.apply(z, self.bias, None), skip)
         return _UpCat.apply(z, self.bias, skip)
 
 def fast_upconv(model:nn.Module, # changed in place
