@@ -1,0 +1,216 @@
+// ---- batch norm (+ ReLU) over a channels-last tensor: N·H rows of L = W·C values; column j is channel j % C ----
+#include "common.h"
+#include "ops.h"
+
+
+template <typename E>
+static void __attribute__((noinline)) acc_moments(const typename E::S* __restrict__ x, const float* __restrict__ shift,
+                                                  typename E::A* __restrict__ s, typename E::A* __restrict__ q, int64_t L) {
+  for (int64_t j = 0; j < L; ++j) { typename E::A v = E::ld(x[j]) - shift[j]; s[j] += v; q[j] += v * v; }
+}
+template <typename E, bool RELU>
+static void __attribute__((noinline)) affine_row(const typename E::S* __restrict__ x, typename E::S* __restrict__ y,
+                                                 const typename E::A* __restrict__ a, const typename E::A* __restrict__ b, int64_t L) {
+  for (int64_t j = 0; j < L; ++j) {
+    typename E::A z = std::fma(E::ld(x[j]), a[j], b[j]);
+    if (RELU) z = z < 0 ? typename E::A(0) : z;     // NaN stays NaN, as in torch.relu
+    y[j] = E::st(z);
+  }
+}
+// the ReLU's gradient mask is recomputed from x with the same fma as the forward pass, so it is the same decision
+template <typename E, bool RELU>
+static void __attribute__((noinline)) acc_grad(const typename E::S* __restrict__ dy, const typename E::S* __restrict__ x,
+                                               const typename E::A* __restrict__ a, const typename E::A* __restrict__ b,
+                                               const typename E::A* __restrict__ mu, typename E::A* __restrict__ sg,
+                                               typename E::A* __restrict__ sgx, int64_t L) {
+  for (int64_t j = 0; j < L; ++j) {
+    typename E::A xv = E::ld(x[j]), g = E::ld(dy[j]);
+    if (RELU) g = std::fma(xv, a[j], b[j]) > 0 ? g : typename E::A(0);
+    sg[j] += g; sgx[j] += g * (xv - mu[j]);
+  }
+}
+template <typename E, bool RELU>
+static void __attribute__((noinline)) grad_row(const typename E::S* __restrict__ dy, const typename E::S* __restrict__ x,
+                                               typename E::S* __restrict__ dx, const typename E::A* __restrict__ a,
+                                               const typename E::A* __restrict__ b, const typename E::A* __restrict__ ga,
+                                               const typename E::A* __restrict__ gb, const typename E::A* __restrict__ gc, int64_t L) {
+  for (int64_t j = 0; j < L; ++j) {
+    typename E::A xv = E::ld(x[j]), g = E::ld(dy[j]);
+    if (RELU) g = std::fma(xv, a[j], b[j]) > 0 ? g : typename E::A(0);
+    dx[j] = E::st(std::fma(ga[j], g, std::fma(gb[j], xv, gc[j])));
+  }
+}
+
+// Biased mean and variance per channel (float64), from sums shifted by the first pixel's values.
+std::vector<at::Tensor> bn_stats(const at::Tensor& x) {
+  check_cl(x, "the input");
+  const auto N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), L = W * C, R = N * H;
+  TORCH_CHECK(R * W > 0, "moonfast batch norm: empty input");
+  auto opt = x.options().dtype(at::kDouble);
+  auto mean = at::empty({C}, opt), var = at::empty({C}, opt);
+  auto shift = x.index({0, at::indexing::Slice(), 0, 0}).to(at::kFloat).repeat({W}).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moonfast_bn_stats", [&] {
+    using E = Elt<scalar_t>; using A = typename E::A;
+    const typename E::S* xp = ptr<scalar_t>(x);
+    const float* sh = shift.data_ptr<float>();
+    column_sums<A>(R, L, C, mean.data_ptr<double>(), var.data_ptr<double>(),
+                   [&](int64_t r, A* s, A* q) { acc_moments<E>(xp + r * L, sh, s, q, L); });
+  });
+  const double M = double(R * W);
+  auto d = mean / M;
+  var = (var / M - d * d).clamp_min(0);
+  mean = d + shift.index({at::indexing::Slice(0, C)}).to(at::kDouble);
+  return {mean, var};
+}
+
+// y = relu?(x·a + b) with a, b given per column (L values)
+at::Tensor bn_apply(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, bool relu) {
+  check_cl(x, "the input");
+  const auto N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), L = W * C, R = N * H;
+  auto y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moonfast_bn_apply", [&] {
+    using E = Elt<scalar_t>;
+    check_rows<scalar_t>({a, b}, L);
+    const typename E::S* xp = ptr<scalar_t>(x); typename E::S* yp = ptr<scalar_t>(y);
+    const auto *ap = row_ptr<scalar_t>(a), *bp = row_ptr<scalar_t>(b);
+    at::parallel_for(0, R, 16, [&](int64_t s, int64_t e) {
+      for (int64_t r = s; r < e; ++r) {
+        if (relu) affine_row<E, true>(xp + r * L, yp + r * L, ap, bp, L);
+        else affine_row<E, false>(xp + r * L, yp + r * L, ap, bp, L);
+      }
+    });
+  });
+  return y;
+}
+
+// Per channel (float64): Σg and Σg·(x − mean), g = dy masked by the ReLU when relu
+std::vector<at::Tensor> bn_grad_sums(const at::Tensor& dy_, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                                     const at::Tensor& mu, bool relu) {
+  check_cl(x, "the input");
+  auto dy = dy_.contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), "moonfast batch norm: gradient and input differ");
+  const auto N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), L = W * C, R = N * H;
+  auto opt = x.options().dtype(at::kDouble);
+  auto sg = at::empty({C}, opt), sgx = at::empty({C}, opt);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moonfast_bn_grad_sums", [&] {
+    using E = Elt<scalar_t>; using A = typename E::A;
+    const typename E::S *xp = ptr<scalar_t>(x), *gp = ptr<scalar_t>(dy);
+    check_rows<scalar_t>({a, b, mu}, L);
+    const auto *ap = row_ptr<scalar_t>(a), *bp = row_ptr<scalar_t>(b), *mp = row_ptr<scalar_t>(mu);
+    column_sums<A>(R, L, C, sg.data_ptr<double>(), sgx.data_ptr<double>(), [&](int64_t r, A* s, A* q) {
+      if (relu) acc_grad<E, true>(gp + r * L, xp + r * L, ap, bp, mp, s, q, L);
+      else acc_grad<E, false>(gp + r * L, xp + r * L, ap, bp, mp, s, q, L);
+    });
+  });
+  return {sg, sgx};
+}
+
+// dx = ga·g + gb·x + gc with g as in bn_grad_sums; all constants per column
+at::Tensor bn_grad_input(const at::Tensor& dy_, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                         const at::Tensor& ga, const at::Tensor& gb, const at::Tensor& gc, bool relu) {
+  check_cl(x, "the input");
+  auto dy = dy_.contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), "moonfast batch norm: gradient and input differ");
+  const auto N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), L = W * C, R = N * H;
+  auto dx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moonfast_bn_grad_input", [&] {
+    using E = Elt<scalar_t>;
+    const typename E::S *xp = ptr<scalar_t>(x), *gp = ptr<scalar_t>(dy);
+    typename E::S* dp = ptr<scalar_t>(dx);
+    check_rows<scalar_t>({a, b, ga, gb, gc}, L);
+    const auto *ap = row_ptr<scalar_t>(a), *bp = row_ptr<scalar_t>(b), *p1 = row_ptr<scalar_t>(ga),
+               *p2 = row_ptr<scalar_t>(gb), *p3 = row_ptr<scalar_t>(gc);
+    at::parallel_for(0, R, 16, [&](int64_t s, int64_t e) {
+      for (int64_t r = s; r < e; ++r) {
+        if (relu) grad_row<E, true>(gp + r * L, xp + r * L, dp + r * L, ap, bp, p1, p2, p3, L);
+        else grad_row<E, false>(gp + r * L, xp + r * L, dp + r * L, ap, bp, p1, p2, p3, L);
+      }
+    });
+  });
+  return dx;
+}
+
+// ---- batch norm + residual + ReLU: y = relu(a·x + b + r); the ReLU's mask is read from y (as torch.relu's backward does) ----
+template <typename E>
+static void __attribute__((noinline)) add_relu_row(const typename E::S* __restrict__ x, const typename E::S* __restrict__ r,
+                                                   typename E::S* __restrict__ y, const typename E::A* __restrict__ a,
+                                                   const typename E::A* __restrict__ b, int64_t L) {
+  for (int64_t j = 0; j < L; ++j) {
+    typename E::A z = std::fma(E::ld(x[j]), a[j], b[j]) + E::ld(r[j]);
+    y[j] = E::st(z < 0 ? typename E::A(0) : z);
+  }
+}
+template <typename E>
+static void __attribute__((noinline)) acc_grad_y(const typename E::S* __restrict__ dy, const typename E::S* __restrict__ x,
+                                                 const typename E::S* __restrict__ y, const typename E::A* __restrict__ mu,
+                                                 typename E::A* __restrict__ sg, typename E::A* __restrict__ sgx, int64_t L) {
+  for (int64_t j = 0; j < L; ++j) {
+    typename E::A g = E::ld(y[j]) > 0 ? E::ld(dy[j]) : typename E::A(0);
+    sg[j] += g; sgx[j] += g * (E::ld(x[j]) - mu[j]);
+  }
+}
+template <typename E>
+static void __attribute__((noinline)) grad_row_y(const typename E::S* __restrict__ dy, const typename E::S* __restrict__ x,
+                                                 const typename E::S* __restrict__ y, typename E::S* __restrict__ dx,
+                                                 typename E::S* __restrict__ dr, const typename E::A* __restrict__ ga,
+                                                 const typename E::A* __restrict__ gb, const typename E::A* __restrict__ gc, int64_t L) {
+  for (int64_t j = 0; j < L; ++j) {
+    typename E::A g = E::ld(y[j]) > 0 ? E::ld(dy[j]) : typename E::A(0);
+    dx[j] = E::st(std::fma(ga[j], g, std::fma(gb[j], E::ld(x[j]), gc[j])));
+    dr[j] = E::st(g);
+  }
+}
+
+at::Tensor bn_add_relu_apply(const at::Tensor& x, const at::Tensor& r, const at::Tensor& a, const at::Tensor& b) {
+  check_cl(x, "the input"); check_same(x, r, "the residual");
+  const auto N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), L = W * C, R = N * H;
+  auto y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moonfast_bn_add_relu_apply", [&] {
+    using E = Elt<scalar_t>;
+    check_rows<scalar_t>({a, b}, L);
+    const typename E::S *xp = ptr<scalar_t>(x), *rp = ptr<scalar_t>(r);
+    typename E::S* yp = ptr<scalar_t>(y);
+    const auto *ap = row_ptr<scalar_t>(a), *bp = row_ptr<scalar_t>(b);
+    at::parallel_for(0, R, 16, [&](int64_t s, int64_t e) {
+      for (int64_t i = s; i < e; ++i) add_relu_row<E>(xp + i * L, rp + i * L, yp + i * L, ap, bp, L);
+    });
+  });
+  return y;
+}
+
+std::vector<at::Tensor> bn_add_relu_grad_sums(const at::Tensor& dy_, const at::Tensor& x, const at::Tensor& y, const at::Tensor& mu) {
+  check_cl(x, "the input"); check_same(x, y, "the output");
+  auto dy = dy_.contiguous(at::MemoryFormat::ChannelsLast); check_same(x, dy, "the gradient");
+  const auto N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), L = W * C, R = N * H;
+  auto opt = x.options().dtype(at::kDouble);
+  auto sg = at::empty({C}, opt), sgx = at::empty({C}, opt);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moonfast_bn_add_relu_grad_sums", [&] {
+    using E = Elt<scalar_t>; using A = typename E::A;
+    check_rows<scalar_t>({mu}, L);
+    const typename E::S *xp = ptr<scalar_t>(x), *gp = ptr<scalar_t>(dy), *yp = ptr<scalar_t>(y);
+    const auto* mp = row_ptr<scalar_t>(mu);
+    column_sums<A>(R, L, C, sg.data_ptr<double>(), sgx.data_ptr<double>(), [&](int64_t i, A* s, A* q) {
+      acc_grad_y<E>(gp + i * L, xp + i * L, yp + i * L, mp, s, q, L);
+    });
+  });
+  return {sg, sgx};
+}
+
+std::vector<at::Tensor> bn_add_relu_grad_input(const at::Tensor& dy_, const at::Tensor& x, const at::Tensor& y,
+                                               const at::Tensor& ga, const at::Tensor& gb, const at::Tensor& gc) {
+  check_cl(x, "the input"); check_same(x, y, "the output");
+  auto dy = dy_.contiguous(at::MemoryFormat::ChannelsLast); check_same(x, dy, "the gradient");
+  const auto N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), L = W * C, R = N * H;
+  auto dx = at::empty_like(x, at::MemoryFormat::ChannelsLast), dr = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moonfast_bn_add_relu_grad_input", [&] {
+    using E = Elt<scalar_t>;
+    check_rows<scalar_t>({ga, gb, gc}, L);
+    const typename E::S *xp = ptr<scalar_t>(x), *gp = ptr<scalar_t>(dy), *yp = ptr<scalar_t>(y);
+    typename E::S *dp = ptr<scalar_t>(dx), *rp = ptr<scalar_t>(dr);
+    const auto *p1 = row_ptr<scalar_t>(ga), *p2 = row_ptr<scalar_t>(gb), *p3 = row_ptr<scalar_t>(gc);
+    at::parallel_for(0, R, 16, [&](int64_t s, int64_t e) {
+      for (int64_t i = s; i < e; ++i) grad_row_y<E>(gp + i * L, xp + i * L, yp + i * L, dp + i * L, rp + i * L, p1, p2, p3, L);
+    });
+  });
+  return {dx, dr};
+}

@@ -1,0 +1,71 @@
+// moonfast CPU kernels: what every kernel file shares (element access in an accumulation type, pointers, checks).
+#pragma once
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+// Element access through an accumulation type A: float for bf16 (read as its bit pattern) and float, double for double.
+template <typename T> struct Elt {
+  using A = T; using S = T;
+  static inline A ld(S v) { return v; }
+  static inline S st(A v) { return v; }
+  static inline S st_exact(A v) { return v; }
+};
+template <> struct Elt<c10::BFloat16> {
+  using A = float; using S = uint16_t;
+  static inline float ld(uint16_t b) { uint32_t u = uint32_t(b) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+  static inline uint16_t st_exact(float f) { uint32_t u; std::memcpy(&u, &f, 4); return uint16_t(u >> 16); }  // f is a bf16 value
+  static inline uint16_t st(float f) {  // round to nearest even; a NaN stays a NaN
+    uint32_t u; std::memcpy(&u, &f, 4);
+    uint16_t r = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return f != f ? uint16_t(0x7FC0) : r;
+  }
+};
+template <typename T> static typename Elt<T>::S* ptr(const at::Tensor& t) {
+  return reinterpret_cast<typename Elt<T>::S*>(t.data_ptr());
+}
+
+// Per-column sums in A over blocks of rows, flushed into double, so long reductions keep their digits.
+constexpr int64_t FLUSH = 64;
+
+// Sum over the rows of per-column accumulators made by `step(row, s, q)`, reduced per channel into double (C each).
+template <typename A, typename F>
+static void column_sums(int64_t R, int64_t L, int64_t C, double* out1, double* out2, F step) {
+  std::mutex mu;
+  std::fill(out1, out1 + C, 0.0); std::fill(out2, out2 + C, 0.0);
+  at::parallel_for(0, R, 16, [&](int64_t b, int64_t e) {
+    std::vector<A> s(L), q(L);
+    std::vector<double> ds(L, 0.0), dq(L, 0.0);
+    for (int64_t r0 = b; r0 < e; r0 += FLUSH) {
+      std::fill(s.begin(), s.end(), A(0)); std::fill(q.begin(), q.end(), A(0));
+      for (int64_t r = r0; r < std::min(e, r0 + FLUSH); ++r) step(r, s.data(), q.data());
+      for (int64_t j = 0; j < L; ++j) { ds[j] += s[j]; dq[j] += q[j]; }
+    }
+    std::vector<double> c1(C, 0.0), c2(C, 0.0);
+    for (int64_t j = 0; j < L; ++j) { c1[j % C] += ds[j]; c2[j % C] += dq[j]; }
+    std::lock_guard<std::mutex> lock(mu);
+    for (int64_t c = 0; c < C; ++c) { out1[c] += c1[c]; out2[c] += c2[c]; }
+  });
+}
+
+static void check_cl(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "moonfast kernels: expected ", what, " to be a 4-d channels-last CPU tensor");
+}
+template <typename T> static const typename Elt<T>::A* row_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename Elt<T>::A*>(t.data_ptr());
+}
+template <typename T> static void check_rows(std::initializer_list<at::Tensor> ts, int64_t L) {
+  for (const auto& t : ts)
+    TORCH_CHECK(t.numel() == L && t.is_contiguous() && t.scalar_type() == c10::CppTypeToScalarType<typename Elt<T>::A>::value,
+                "moonfast kernels: expected per-column constants of ", L, " values in the accumulation type");
+}
+
+static void check_same(const at::Tensor& x, const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() && t.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "moonfast kernels: expected ", what, " shaped, typed and laid out (channels-last) as the input");
+}

@@ -1,0 +1,28 @@
+// The functions moonfast's CPU extension exposes to Python (bound in bindings.cpp). Each takes and returns CPU tensors;
+// "channels-last" means a 4-d tensor whose memory is N, H, W, C. Shapes and dtypes are checked with TORCH_CHECK.
+#pragma once
+#include <torch/extension.h>
+#include <vector>
+
+// maxpool.cpp: stride-1 k×k max pool with padding p; forward returns (y, window positions as uint8)
+std::vector<at::Tensor> maxpool_forward(const at::Tensor& x, int64_t k, int64_t p);
+at::Tensor maxpool_backward(const at::Tensor& gy, const at::Tensor& ix, int64_t H, int64_t W, int64_t k, int64_t p);
+
+// batchnorm.cpp: training-mode batch norm (+ ReLU) and batch norm + residual + ReLU, per-column constants a, b, mu
+std::vector<at::Tensor> bn_stats(const at::Tensor& x);
+at::Tensor bn_apply(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b, bool relu);
+std::vector<at::Tensor> bn_grad_sums(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                                     const at::Tensor& mu, bool relu);
+at::Tensor bn_grad_input(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                         const at::Tensor& ga, const at::Tensor& gb, const at::Tensor& gc, bool relu);
+at::Tensor bn_add_relu_apply(const at::Tensor& x, const at::Tensor& r, const at::Tensor& a, const at::Tensor& b);
+std::vector<at::Tensor> bn_add_relu_grad_sums(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y, const at::Tensor& mu);
+std::vector<at::Tensor> bn_add_relu_grad_input(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
+                                               const at::Tensor& ga, const at::Tensor& gb, const at::Tensor& gc);
+
+// upcat.cpp: a 2×2 stride-2 transposed conv's products placed on the doubled grid, + bias, beside a skip
+at::Tensor upcat_forward(const at::Tensor& z, const at::Tensor& bias, const at::Tensor& skip);
+std::vector<at::Tensor> upcat_backward(const at::Tensor& g, int64_t Co);
+
+// affine_grid.cpp: the sampling grid of a batch of 3×3 (affine or perspective) maps
+at::Tensor affine_grid(const at::Tensor& m, const at::Tensor& us, const at::Tensor& vs);
