@@ -36,6 +36,7 @@ setuptools.setup(
     url = cfg['git_url'],
     packages = setuptools.find_packages(include=['moonfast', 'moonfast.*']),
     include_package_data = True,
+    package_data = {'moonfast': ['cpu/csrc/*.cpp', 'cpu/csrc/*.h']},   # the C++ kernels, compiled at first use
     install_requires = requirements,
     extras_require = {'dev': dev_requirements},
     dependency_links = cfg.get('dep_links','').split(),
