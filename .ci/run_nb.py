@@ -25,13 +25,16 @@ def _clean_text(s:str) -> str:
         s = s.replace(p, r)
     return s
 
+_BAR = re.compile(r'^\s*(\|█*[ ]*\|\s*)?\d+(\.\d+)?% \[\d+/\d+.*$|^\s*\[?\d+/\d+ [\d:]+<[\d:]*.*$', re.M)
+
 def _keep(o) -> bool:
     if o.get('output_type') == 'stream' and o.get('name') == 'stderr': return False
+    if o.get('output_type') == 'execute_result' and ''.join(o.get('data', {}).get('text/plain', '')).startswith('<function '): return False
     html = ''.join(o.get('data', {}).get('text/html', '')) if 'data' in o else ''
     return '<progress' not in html and 'progress-bar' not in html
 
 def _clean_output(o):
-    if o.get('output_type') == 'stream': o['text'] = _clean_text(''.join(o['text']))
+    if o.get('output_type') == 'stream': o['text'] = _BAR.sub('', _clean_text(''.join(o['text']))).replace('\n\n\n', '\n')
     for k, v in list(o.get('data', {}).items()):
         if k.startswith('text/') or k == 'application/json': o['data'][k] = _clean_text(''.join(v) if isinstance(v, list) else v)
     o.pop('execution_count', None)
@@ -39,8 +42,10 @@ def _clean_output(o):
 
 def run(fn:Path, slow:bool=False) -> bool:
     nb = read_nb(fn)
-    old = {id(c): c.get('outputs', []) for c in nb.cells}
     skip = lambda c: c.cell_type != 'code' or ('slow' in _directives(c) and not slow) or 'nbdev_export(' in c.source
+    old = {id(c): c.get('outputs', []) for c in nb.cells}
+    for c in nb.cells:   # a cell that runs starts from no output (execnb keeps the old ones when a cell prints nothing)
+        if c.cell_type == 'code' and not skip(c): c['outputs'] = []
     os.environ['IN_TEST'] = '1'
     sh = CaptureShell(fn)
     with working_directory(fn.parent):
