@@ -38,7 +38,7 @@ setuptools.setup(
     include_package_data = True,
     package_data = {'moonfast': ['cpu/csrc/*.cpp', 'cpu/csrc/*.h']},   # the C++ kernels, compiled at first use
     install_requires = requirements,
-    extras_require = {'dev': dev_requirements},
+    extras_require = {'dev': dev_requirements, 'onnx': shlex.split(cfg.get('onnx_requirements', ''))},
     dependency_links = cfg.get('dep_links','').split(),
     python_requires  = '>=' + cfg['min_python'],
     long_description = open('README.md', encoding='utf-8').read(),

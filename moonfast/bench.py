@@ -4,205 +4,22 @@
 
 # %% ../nbs/20_bench.ipynb #969bd7b7
 from __future__ import annotations
-import copy, json, os, platform, re, statistics, time
-from contextlib import contextmanager
+import json, os, statistics, time
 from pathlib import Path
-import pandas as pd, torch, torch.nn as nn, torchvision
-import fastai
-from fastai.callback.core import Callback, CancelValidException
-from fastai.callback.fp16 import MixedPrecision
-from fastai.data.core import DataLoaders
-from fastai.torch_core import find_bs, set_seed
+import pandas as pd, torch
+from fastai.torch_core import set_seed
 from .core import DataError, atomic_write, data_path, find_data, models_path, to_markdown
 from .data.imagenet import imagenet_dls
 from .data.seg import seg_dls
 from .synth import make_lunar_dataset, make_tiny_classes
 from .models import resnet_course, UNet
-from .cpu.speedups import speed_up, ChannelsLast
-from .learners import classifier_learner, seg_learner, resolve_precision, CPUAutocast
+from .learners import classifier_learner, seg_learner, resolve_precision
 from .baseline import *
+from .perf import *
 
 # %% auto #0
-__all__ = ['CPU_FLAGS', 'TASKS', 'BENCH_SYNTH', 'TARGETS', 'matmul_gflops', 'model_flops', 'cpu_class', 'cpu_label',
-           'machine_info', 'StepProfiler', 'Interleave', 'learner_step_rate', 'learner_infer_rate', 'op_profile',
-           'bench_data', 'bench_task', 'summarize', 'ratios', 'profile_table', 'check_targets', 'run_benchmark',
-           'report_markdown']
-
-# %% ../nbs/20_bench.ipynb #d00338bc
-_DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-
-def matmul_gflops(n:int=2048, # side of the square matrices
-                  dtype='fp32', # 'fp32', 'bf16', 'fp16' or a torch dtype
-                  reps:int=5, # timed repetitions (after one warm-up); the median is returned
-                  device=None) -> float: # default: CUDA if available, else CPU
-    "Median GFLOP/s of an `n`×`n` matmul (2n³ FLOPs) in `dtype`"
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1: raise DataError(f"n={n!r}: expected a positive int")
-    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1: raise DataError(f"reps={reps!r}: expected a positive int")
-    dt = _DTYPES.get(dtype, dtype)
-    if not isinstance(dt, torch.dtype): raise DataError(f"dtype={dtype!r}: expected one of {list(_DTYPES)} or a torch dtype")
-    dev = resolve_device(device)
-    a, b = torch.randn(n, n, device=dev).to(dt), torch.randn(n, n, device=dev).to(dt)
-    a @ b; sync_device(dev)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter(); a @ b; sync_device(dev); ts.append(time.perf_counter() - t)
-    return 2*n**3 / statistics.median(ts) / 1e9
-
-# %% ../nbs/20_bench.ipynb #ad34a00d
-def model_flops(model:nn.Module, # the model (not changed: a copy is measured)
-                size=128, # image side, or (h, w)
-                train:bool=True, # count forward + backward (a training step), else forward only
-                in_channels:int=3, # channels of the input image
-                bs:int=2) -> float: # images in the measured batch
-    "FLOPs per image of `model` at `size`, counted by torch's `FlopCounterMode` over a real pass"
-    from torch.utils.flop_counter import FlopCounterMode
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    m = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).train(train)
-    x = torch.randn(bs, in_channels, h, w)
-    fc = FlopCounterMode(display=False)
-    with fc:
-        if train: m(x).float().sum().backward()
-        else:
-            with torch.no_grad(): m(x)
-    return fc.get_total_flops() / bs
-
-# %% ../nbs/20_bench.ipynb #b251f50f
-CPU_FLAGS = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16')
-
-def cpu_class(cpuinfo:str|None=None) -> dict: # the text of /proc/cpuinfo (default: read it; '' where there is none)
-    "The CPU's vendor, model name, and which of `CPU_FLAGS` it has"
-    if cpuinfo is None:
-        try: cpuinfo = Path('/proc/cpuinfo').read_text()
-        except OSError: cpuinfo = ''
-    def field(k):
-        m = re.search(rf'^{k}\s*:\s*(.*)$', cpuinfo, re.M)
-        return m.group(1).strip() if m else None
-    flags = set((field('flags') or '').split())
-    return dict(vendor=field('vendor_id') or platform.machine(), model=field('model name') or platform.processor() or platform.machine(),
-                **{f: f in flags for f in CPU_FLAGS})
-
-def cpu_label(c:dict) -> str: # from `cpu_class`
-    "The CPU class in one line: vendor, model name and the flags it has"
-    return f"{c['vendor']} {c['model']} ({', '.join(f for f in CPU_FLAGS if c.get(f)) or 'none of ' + '/'.join(CPU_FLAGS)})"
-
-# %% ../nbs/20_bench.ipynb #947c113c
-def machine_info(device=None) -> dict: # default: CUDA if available, else CPU
-    "The machine (its CPU class, threads, device) and the versions a benchmark ran on"
-    dev, c = resolve_device(device), cpu_class()
-    return dict(cpu=cpu_label(c), cpu_class=c, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                cpu_bf16=c['avx512_bf16'] or c['amx_bf16'],
-                device=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu', python=platform.python_version(),
-                torch=torch.__version__, torchvision=torchvision.__version__, fastai=fastai.__version__,
-                os=platform.platform(), load_avg_1m=round(os.getloadavg()[0], 2))
-
-# %% ../nbs/20_bench.ipynb #6f301f8a
-class StepProfiler(Callback):
-    "Time each training batch's phases (data, forward, loss, backward, step, other) and each training epoch"
-    order, run_valid = 200, False
-    def __init__(self): self.rows, self.epochs = [], []
-    def _now(self):
-        sync_device(self.learn.dls.device if getattr(self.learn.dls, 'device', None) is not None else 'cpu')
-        return time.perf_counter()
-    def before_train(self):
-        self._pm = PeakMemory().__enter__()
-        self._nb, self._n = len(self.rows), 0
-        self._t0 = self._t = self._now()
-    def before_batch(self):
-        t = self._now(); self._b = dict(epoch=self.epoch, data=t - self._t); self._last = t
-    def _mark(self, k):
-        t = self._now(); self._b[k] = t - self._last; self._last = t
-    def after_pred(self): self._mark('forward')
-    def after_loss(self): self._mark('loss')
-    def after_backward(self): self._mark('backward')
-    def after_step(self): self._mark('step')
-    def after_batch(self):
-        self._mark('other'); self._b['images'] = find_bs(self.yb); self._n += self._b['images']
-        self.rows.append(self._b); self._t = self._last
-    def after_train(self):
-        secs = self._now() - self._t0
-        self._pm.__exit__(None, None, None)
-        self.epochs.append(dict(epoch=self.epoch, images=self._n, batches=len(self.rows) - self._nb, seconds=secs,
-                                peak_mib=self._pm.peak, rise_mib=self._pm.rise))
-
-class Interleave(Callback):
-    "Call `fn(epoch)` after each epoch of a fit: interleaves another measurement with it, epoch by epoch"
-    order = 250
-    def __init__(self, fn): self.fn = fn # called with the epoch's index
-    def after_epoch(self): self.fn(self.epoch)
-
-# %% ../nbs/20_bench.ipynb #94eb23f5
-@contextmanager
-def _on_batches(learn, batches:list):
-    "`learn` with a `DataLoaders` over the in-memory `batches` (and no bar or logging) inside the block, as it was after"
-    old = learn.dls
-    learn.dls = DataLoaders(list(batches), list(batches[:1]))
-    try:
-        with learn.no_bar(), learn.no_logging(): yield learn
-    finally: learn.dls = old
-
-def learner_step_rate(learn, # a moonfast `Learner`
-                      batches:list, # in-memory (x, y) batches from the learner's own pipeline
-                      warmup:int=1, # untimed batches
-                      lr:float=1e-5) -> float: # learning rate of these steps
-    "Training images/s of `learn` (model, loss, optimizer, callbacks) on in-memory `batches`, without data loading"
-    if len(batches) <= warmup: raise DataError(f"{len(batches)} batches with warmup={warmup}: expected more batches than warmup")
-    prof = StepProfiler()
-    with _on_batches(learn, batches): learn.fit(1, lr, cbs=prof)
-    rows = prof.rows[warmup:]
-    return sum(r['images'] for r in rows)/sum(sum(r[k] for k in PHASES) for r in rows)
-
-def _infer_setup(learn):
-    "The autocast dtype (None: fp32) and whether inputs go channels-last, as `learn` trains"
-    dtype = None
-    for cb in learn.cbs:
-        if isinstance(cb, CPUAutocast): dtype = torch.bfloat16
-        elif isinstance(cb, MixedPrecision):
-            dtype = torch.bfloat16 if str(getattr(cb, 'amp_mode', '')).lower().endswith('bf16') else torch.float16
-    return dtype, any(isinstance(cb, ChannelsLast) for cb in learn.cbs)
-
-def learner_infer_rate(learn, # a moonfast `Learner`
-                       batches:list, # in-memory (x, y) batches (y is ignored)
-                       warmup:int=1) -> float: # untimed batches
-    "Inference images/s of `learn`'s model on the inputs of in-memory `batches`: eval mode, no gradients, its precision and memory format"
-    if len(batches) <= warmup: raise DataError(f"{len(batches)} batches with warmup={warmup}: expected more batches than warmup")
-    dtype, cl = _infer_setup(learn)
-    model, dev = learn.model, next(learn.model.parameters()).device
-    was_training = model.training; model.eval()
-    def run(bs):
-        n = 0
-        for b in bs:
-            x = b[0].to(dev)
-            if cl and x.dim() == 4: x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None): model(x)
-            n += len(x)
-        sync_device(dev); return n
-    try:
-        with torch.no_grad():
-            run(batches[:warmup]); t = time.perf_counter(); n = run(batches[warmup:])
-            return n/(time.perf_counter() - t)
-    finally: model.train(was_training)
-
-# %% ../nbs/20_bench.ipynb #5860cc90
-class _NoValidation(Callback):
-    def before_validate(self): raise CancelValidException
-
-def op_profile(learn, # a moonfast `Learner`
-               batches:list, # in-memory (x, y) batches from the learner's own pipeline
-               top:int=12, # how many operations to list
-               lr:float=1e-5) -> pd.DataFrame: # learning rate of these steps
-    "The operations that take a training step's time: own CPU ms per batch, calls per batch, share of the step"
-    from torch.profiler import profile, ProfilerActivity
-    if not batches: raise DataError("op_profile got no batches: expected at least one (x, y) batch")
-    os.environ.setdefault('KINETO_LOG_LEVEL', '5')   # the profiler's own log: without it, a CPU-only machine prints a GPU 'error'
-    with _on_batches(learn, batches):
-        learn.fit(1, lr, cbs=_NoValidation())
-        with profile(activities=[ProfilerActivity.CPU]) as prof: learn.fit(1, lr, cbs=_NoValidation())
-    ev, n = [e for e in prof.key_averages() if not e.key.startswith('ProfilerStep')], len(batches)
-    total = sum(e.self_cpu_time_total for e in ev)/1e3/n
-    rows = sorted(((e.key, e.self_cpu_time_total/1e3/n, e.count/n) for e in ev), key=lambda r: -r[1])[:top]
-    df = pd.DataFrame(rows, columns=['op', 'ms per batch', 'calls per batch'])
-    df['% of step'] = 100*df['ms per batch']/total
-    return df
+__all__ = ['TASKS', 'BENCH_SYNTH', 'TARGETS', 'bench_data', 'bench_task', 'summarize', 'ratios', 'profile_table', 'check_targets',
+           'run_benchmark', 'report_markdown']
 
 # %% ../nbs/20_bench.ipynb #26fc0444
 TASKS = ('classifier', 'unet')

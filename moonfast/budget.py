@@ -12,7 +12,8 @@ from .learners import seg_learner
 
 # %% auto #0
 __all__ = ['COMPARE_EPOCHS', 'COMPARE_SEEDS', 'MIN_EPOCHS', 'RUN_OVERHEAD', 'frozen_epochs', 'parse_budget', 'fmt_seconds',
-           'run_seconds', 'plan_comparison', 'EpochSample', 'measure_costs', 'cpu_name', 'plan_text', 'RunProgress']
+           'run_seconds', 'plan_comparison', 'EpochSample', 'measure_costs', 'cpu_name', 'plan_text', 'RunProgress',
+           'parse_shard', 'shard_runs', 'merge_plans']
 
 # %% ../nbs/18_budget.ipynb #375c2e11
 COMPARE_EPOCHS = 6         # epochs of every run of the full comparison
@@ -170,7 +171,10 @@ def plan_text(plan:dict) -> str:
     else:
         s += (f"; chosen for a {fmt_seconds(plan['budget_s'])} budget: {fmt_seconds(plan['spent_s'])} for data and timing, "
               f"{fmt_seconds(plan['predicted_s'])} of training predicted (the full comparison: about {fmt_seconds(plan['full_s'])})")
-    if plan.get('seconds') is not None: s += f"; took {fmt_seconds(plan['seconds'])} in all"
+    n = (plan.get('shard') or [0, 1])[1]
+    if n > 1: s += f"; split into {n} shards"
+    if plan.get('seconds') is not None:
+        s += f"; the slowest shard took {fmt_seconds(plan['seconds'])}" if n > 1 else f"; took {fmt_seconds(plan['seconds'])} in all"
     return s + f"; {plan['precision']} on {plan['cpu']}."
 
 # %% ../nbs/18_budget.ipynb #e6c23864
@@ -190,3 +194,35 @@ class RunProgress:
     def end(self, k, trained:bool):
         if not trained: return
         self.done_s += time.time() - self.t0; self.done_pred += self.pred[k]; self.n_done += 1
+
+# %% ../nbs/18_budget.ipynb #38fec753
+def parse_shard(shard) -> tuple|None: # 'i/n' (e.g. '0/4'), an (i, n) pair, or None / '' (no sharding)
+    "The part (i, n) of a comparison that a machine runs: part i of n, 0 ≤ i < n"
+    if shard is None or (isinstance(shard, str) and not shard.strip()): return None
+    try:
+        i, n = (int(x) for x in shard.split('/')) if isinstance(shard, str) else shard
+        ok = all(isinstance(x, int) and not isinstance(x, bool) for x in (i, n)) and 0 <= i < n
+    except (ValueError, TypeError): ok = False
+    if not ok: raise DataError(f"shard {shard!r}: expected i/n with 0 ≤ i < n, e.g. 0/4 to 3/4 for four machines "
+                               "(Slurm: $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --array=0-3)")
+    return i, n
+
+# %% ../nbs/18_budget.ipynb #a8def47a
+def shard_runs(configs:list, # the comparison's configurations, in order
+               seeds:list, # its seeds, in order
+               shard=None) -> list: # (i, n) from `parse_shard`; None: all the runs
+    "The (seed, configuration) runs that shard (i, n) trains, in the order of the unsharded comparison"
+    i, n = shard or (0, 1)
+    return [(s, c) for si, s in enumerate(seeds) for ci, c in enumerate(configs) if (ci + si) % n == i]
+
+# %% ../nbs/18_budget.ipynb #3343ea14
+def merge_plans(plans:list) -> dict|None: # the plan.json of one `compare` call, or the plan-shard*.json of its shards
+    "The plan written above the results: for shards, every CPU that ran a part and the slowest shard's time"
+    if not plans: return None
+    p = dict(plans[0])
+    n = (p.get('shard') or [0, 1])[1]
+    if n > 1:
+        p['cpu'] = ', '.join(dict.fromkeys(q.get('cpu') for q in plans))
+        secs = [q.get('seconds') for q in plans]
+        p['seconds'] = max(secs) if len(plans) == n and None not in secs else None  # unknown while a shard is missing
+    return p

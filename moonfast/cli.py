@@ -12,7 +12,7 @@ from .core import DataError
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'register', 'usage', 'main', 'synth', 'train_classifier', 'train_unet', 'parse_seeds', 'compare',
-           'predict', 'bench']
+           'predict', 'export', 'bench']
 
 # %% ../nbs/99_cli.ipynb #45e10b83
 SUBCOMMANDS = {}  # name -> (call_parse function, one-line summary)
@@ -35,6 +35,12 @@ def usage() -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/99_cli.ipynb #21dc7cfe
+def _underscored(a:str) -> str:
+    "An option's name with dashes as underscores (`--seg-data=x` → `--seg_data=x`), as fastcore's parser names them"
+    if not a.startswith('--'): return a
+    k, eq, v = a.partition('=')
+    return '--' + k[2:].replace('-', '_') + eq + v
+
 def main(argv:list=None) -> int:
     "Entry point of the `moonfast` console script"
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -48,12 +54,16 @@ def main(argv:list=None) -> int:
         print(usage(), file=sys.stderr)
         raise SystemExit(2)
     func = getattr(SUBCOMMANDS[name][0], '__wrapped__', SUBCOMMANDS[name][0])
-    args = anno_parser(func, prog=f"moonfast {name}").parse_args(argv[1:]).__dict__
+    opts = [_underscored(a) for a in argv[1:]]   # --trust-pickle and --trust_pickle alike
+    args = anno_parser(func, prog=f"moonfast {name}").parse_args(opts).__dict__
     for k in ('pdb', 'xtra'): args.pop(k, None)  # fastcore's own debugging switches
     try: res = func(**args)
     except DataError as e:  # bad input: say what and where, without a traceback
         print(f"moonfast {name}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C: where the work stands (a run says how to resume), not a traceback
+        print(f"moonfast {name}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
     return res if isinstance(res, int) and not isinstance(res, bool) else 0
 
 # %% ../nbs/99_cli.ipynb #d60abc54
@@ -79,36 +89,41 @@ def synth(n:int=1000, # number of lunar render/mask pairs
 def train_classifier(data:str=None, # Tiny ImageNet folder (default: one that moonfast.core.find_data finds)
                      epochs:int=30, # epochs
                      lr:float=3e-3, # peak learning rate (one-cycle)
-                     bs:int=128, # batch size
+                     bs:int=128, # batch size per process (under torchrun the global batch is bs × processes)
                      size:int=128, # image size
                      seed:int=42, # random seed
                      all_classes:store_true=False, # all classes of wnids.txt instead of the course's 10
                      out:str=None, # run folder (default models/runs/classifier)
                      ship:store_true=False, # copy the best weights to models/classifier-tiny10.pth (used by pretrained U-Nets)
-                     resume:store_true=False, # continue an interrupted run in `out`
+                     resume:store_true=False, # continue an interrupted run in `out` (its settings must match)
+                     overwrite:store_true=False, # replace the run that `out` holds (otherwise refused)
                      precision:str='auto'): # auto, fp32, bf16 or fp16
     "Train the custom ResNet classifier on Tiny ImageNet classes"
     from moonfast.experiments import train_classifier as tc, DEFAULT_CLASSES
+    from fastai.torch_core import rank_distrib
     from moonfast.core import models_path
     learn = tc(_path(data), wnids=None if all_classes else DEFAULT_CLASSES, epochs=epochs, lr=lr, bs=bs, size=size,
-               seed=seed, run_dir=_path(out), ship=ship, resume=resume, precision=precision)
+               seed=seed, run_dir=_path(out), ship=ship, resume=resume, overwrite=overwrite, precision=precision)
     rd = _path(out) or models_path('runs', 'classifier')
+    if rank_distrib() > 0: return   # under torchrun the first process reports
     print(f"run recorded in {rd} (history.csv, summary.json, best.pth, curves.png)" + (" and shipped to models/" if ship else ""))
 
 # %% ../nbs/99_cli.ipynb #15007791
 @call_parse
 def train_unet(data:str=None, # segmentation dataset folder (default: the generated set, made if missing)
+               layout:str=None, # binary, kaggle or folders (default: detected from the first mask)
                arch:str='unet', # unet, dynamic_unet or resnet_unet
                pretrained:str='', # encoder weights: '' (none), 'shipped' (models/classifier-tiny10.pth) or a path
                frozen:store_true=False, # variant A: keep the pretrained encoder frozen for all epochs
                freeze_epochs:int=0, # variant B: epochs with the encoder frozen before unfreezing
                epochs:int=10, # total epochs
                lr:float=3e-3, # peak learning rate (one-cycle)
-               bs:int=16, # batch size
+               bs:int=16, # batch size per process (under torchrun the global batch is bs × processes)
                size:int=128, # image size
                seed:int=0, # random seed
                out:str=None, # run folder (default models/runs/<arch>)
-               resume:store_true=False, # continue an interrupted run in `out`
+               resume:store_true=False, # continue an interrupted run in `out` (its settings must match)
+               overwrite:store_true=False, # replace the run that `out` holds (otherwise refused)
                export:store_true=False, # also export the learner to <out>/export.pkl (a pickle: trusted use only)
                precision:str='auto'): # auto, fp32, bf16 or fp16
     "Train one U-Net; the run (history, summary, best weights, curves) is recorded in its folder"
@@ -121,12 +136,16 @@ def train_unet(data:str=None, # segmentation dataset folder (default: the genera
     check_arch(arch, pre)  # before any data is generated or read
     if (frozen or freeze_epochs) and not pre: raise DataError("--frozen/--freeze_epochs need --pretrained (shipped or a path)")
     variant = 'A' if frozen else 'B' if freeze_epochs else 'scratch'
-    path = _path(data) or make_lunar_dataset()
+    from moonfast.distributed import rank0_first, detach_distributed
+    from fastai.torch_core import rank_distrib
+    path = _path(data) or rank0_first(make_lunar_dataset)   # under torchrun: generated once, by the first process
     rd = _path(out) or models_path('runs', arch)
-    learn, s = run_seg(seg_dls(path, size=size, bs=bs), arch=arch, pretrained=pre, variant=variant, epochs=epochs, lr=lr,
+    learn, s = run_seg(seg_dls(path, layout=layout, size=size, bs=bs), arch=arch, pretrained=pre, variant=variant, epochs=epochs, lr=lr,
                        seed=seed, run_dir=rd, freeze_epochs=freeze_epochs or None, precision=precision, resume=resume,
-                       meta={'data': str(path), 'bs': bs})
-    if export: learn.export(rd/'export.pkl')
+                       overwrite=overwrite,
+                       meta={'data': str(path), 'layout': layout})
+    if rank_distrib() > 0: return   # under torchrun the first process reports and exports
+    if export: detach_distributed(learn); learn.export(rd/'export.pkl')
     b = s['best']
     print(f"best epoch {s['best_epoch']+1}: dice {b['dice']:.4f} iou {b['iou']:.4f} pixel_acc {b['pixel_acc']:.4f}; run in {rd}")
 
@@ -147,7 +166,7 @@ def parse_seeds(seeds:str) -> list|None: # '3' (a count: 0, 1, 2), '0,3,5' (a li
 @call_parse
 def compare(data:str=None, # segmentation dataset folder (default: the generated set, 1000 pairs, made if missing)
             out:str=None, # output folder (default models/compare-<epochs>ep, or ...-<images>img for shortened epochs)
-            budget:str='20m', # time for the whole command, data generation included ('20m', '1h', '900s'; 'none': no budget)
+            budget:str=None, # time for the whole command, data generation included ('20m', '1h', '900s'; 'none': no budget); default 20m, none with --shard
             full:store_true=False, # the full comparison, with no budget: 3 seeds × 6 epochs (moonfast.budget.COMPARE_EPOCHS) × all images
             epochs:int=None, # epochs of every run (default: as many as the budget allows, up to 6)
             images:int=None, # training images per epoch (default: all; fewer only when the budget needs it)
@@ -158,46 +177,75 @@ def compare(data:str=None, # segmentation dataset folder (default: the generated
             bs:int=16, # batch size
             size:int=128, # image size
             pretrained:str='shipped', # classifier weights for the pretrained variants: 'shipped' or a path
-            precision:str='auto'): # auto, fp32, bf16 or fp16
+            precision:str='auto', # auto, fp32, bf16 or fp16
+            shard:str='', # train only part i of n of the runs into a shared --out, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; needs --epochs or --full (no budget)
+            aggregate:str=None, # instead of training: write the results of the comparison in this folder from its run folders
+            partial:store_true=False): # with --aggregate: the results of the finished runs, even when some are missing
     "Train and compare the U-Nets (plain, DynamicUnet, course ResNet-U-Net; scratch / pretrained A / B), within a time budget"
     started, sds = time.time(), parse_seeds(seeds)
-    from moonfast.experiments import compare as cmp
-    t = cmp(_path(data), _path(out), epochs=epochs, seeds=sds, budget=None if full else budget, images=images,
-            configs=[c for c in configs.split(',') if c] or None, n=n, lr=lr, bs=bs, size=size,
-            pretrained=True if pretrained == 'shipped' else Path(pretrained), precision=precision, started=started)
+    from moonfast.experiments import compare as cmp, aggregate as agg
+    from moonfast.budget import parse_shard, parse_budget
+    if aggregate:
+        if shard: raise DataError("--aggregate trains nothing, so it takes no --shard: run it once every shard is done")
+        t = agg(Path(aggregate), partial=partial)
+    else:
+        sh = parse_shard(shard)
+        if sh and sh[1] > 1:
+            if parse_budget(budget) is not None:
+                raise DataError(f"--shard {shard} with --budget {budget}: each machine would plan its own budget, so shards could "
+                                "train different plans; give every shard the same --epochs (and --images, --seeds), or --full")
+            if epochs is None and not full:
+                raise DataError(f"--shard {shard} needs --epochs (or --full): every shard must train the same plan, and the default "
+                                "20-minute budget would be planned on each machine for itself")
+        bud = None if full or (sh and sh[1] > 1) else ('20m' if budget is None else budget)
+        t = cmp(_path(data), _path(out), epochs=epochs, seeds=sds, budget=bud, images=images,
+                configs=[c for c in configs.split(',') if c] or None, n=n, lr=lr, bs=bs, size=size,
+                pretrained=True if pretrained == 'shipped' else Path(pretrained), precision=precision, started=started, shard=sh)
     o = Path(t.attrs['out'])
+    if t.attrs.get('missing') and not aggregate:
+        print(f"shard {shard}: its runs are in {o}; once every shard is done, `moonfast compare --aggregate {o}` writes the results")
+        return
     print((o/'results.md').read_text())
-    print(f"results in {o}: results.md, results.csv, runs.csv, plan.json, curves.png, samples-*.png, runs/")
+    print(f"results in {o}: results.md, results.csv, runs.csv, plan*.json, curves.png, samples-*.png, runs/")
 
 # %% ../nbs/99_cli.ipynb #6111b658
 @call_parse
-def predict(model:str, # a run folder (from train-unet/compare), a .pth state dict (with --arch) or an exported .pkl (trusted only)
+def predict(model:str, # a run folder (from train-unet/compare), a .pth state dict or last.pth (with --arch), a .onnx file, or an exported .pkl (with --trust_pickle)
             images:str, # an image file or a folder of images
             out:str='masks', # folder for the masks
             arch:str=None, # architecture of a bare .pth state dict
             size:int=128, # training size of a bare .pth state dict
             mode:str='resize', # resize or tile
             thresh:float=0.5, # probability threshold
+            tta:store_true=False, # test-time augmentation: average over the flips training used (about 4× the time)
+            bs:int=None, # images (resize; default 16) or tiles (tile; default 64) per forward pass
+            trust_pickle:store_true=False, # allow an exported .pkl learner: loading a pickle can run any code it holds
             overlay:store_true=False): # also write <name>_overlay.png: the image with rocks tinted
     "Predict rock masks (PNG, 0/255, at each image's own size) for images"
-    import numpy as np
-    from PIL import Image
-    from fastprogress.fastprogress import progress_bar
-    from moonfast.inference import load_predictor, predict_masks
-    from moonfast.data.core import image_files
-    from moonfast.core import atomic_write
-    pr, src, o = load_predictor(model, arch, size), Path(images), Path(out)
-    files = image_files(src) if src.is_dir() else [src]
-    if not files: raise DataError(f"no images found in {src}: expected image files (png, jpg, ...)")
-    o.mkdir(parents=True, exist_ok=True)
-    for f in progress_bar(files):
-        m = predict_masks(pr, f, mode=mode, thresh=thresh)
-        atomic_write(o/f'{f.stem}_mask.png', lambda p: Image.fromarray(m*255).save(p, format='PNG'))
-        if overlay:
-            im = np.asarray(Image.open(f).convert('RGB')).astype(np.float32)
-            im[m == 1] = 0.5*im[m == 1] + 0.5*np.array([255, 60, 0])
-            atomic_write(o/f'{f.stem}_overlay.png', lambda p: Image.fromarray(im.astype(np.uint8)).save(p, format='PNG'))
-    print(f"wrote {len(files)} mask(s) to {o}")
+    from moonfast.inference import load_predictor, predict_folder
+    if size < 1 or (bs is not None and bs < 1): raise DataError(f"--size and --bs must be at least 1, got --size {size} --bs {bs}")
+    pr = load_predictor(model, arch, size, trust_pickle=trust_pickle)
+    written, failed, secs = predict_folder(pr, images, out, mode=mode, thresh=thresh, tta=tta, overlay=overlay, bs=bs)
+    print(f"wrote {len(written)} mask(s) to {out} in {secs:.1f} s ({len(written)/max(secs, 1e-9):.2f} images/s)")
+    if failed:   # named one by one as they were skipped; the exit status says so too
+        print(f"moonfast predict: {len(failed)} image(s) could not be read and were skipped: "
+              + ', '.join(str(f) for f, _ in failed), file=sys.stderr)
+        return 1
+
+# %% ../nbs/99_cli.ipynb #e5a0c7d1
+@call_parse
+def export(run:str, # a run folder (from train-unet/compare), or a .pth state dict or last.pth (with --arch and --size)
+           onnx:str=None, # write an ONNX graph here: [0, 1] RGB images in (any batch, sides a multiple of the stride), probabilities out
+           arch:str=None, # architecture of a bare .pth state dict
+           size:int=128, # training size of a bare .pth state dict
+           opset:int=17): # ONNX opset
+    "Export a trained U-Net for deployment: an ONNX graph that onnxruntime runs alone (moonfast predict model.onnx images/)"
+    if not onnx: raise DataError("say what to write: --onnx out.onnx")
+    from moonfast.onnx import export_onnx, OnnxPredictor
+    f = export_onnx(run, onnx, arch=arch, size=size, opset=opset)
+    pr = OnnxPredictor(f)
+    print(f"wrote {f}: training size {pr.hw[0]}×{pr.hw[1]}, input sides a multiple of {pr.stride} "
+          f"(moonfast's predictor pads other sizes); predict with: moonfast predict {f} <images>")
 
 # %% ../nbs/99_cli.ipynb #8c4a466f
 @call_parse
@@ -223,4 +271,4 @@ def bench(tasks:str='classifier,unet', # comma-separated: classifier, unet
 
 # %% ../nbs/99_cli.ipynb #89ae2145
 for _n, _f in (('synth', synth), ('train-classifier', train_classifier), ('train-unet', train_unet),
-               ('compare', compare), ('predict', predict), ('bench', bench)): register(_n, _f)
+               ('compare', compare), ('predict', predict), ('export', export), ('bench', bench)): register(_n, _f)

@@ -4,12 +4,12 @@
 
 # %% ../nbs/00_core.ipynb #f5c0a959
 from __future__ import annotations
-import os, tempfile
+import hashlib, os, socket, tempfile, time, warnings
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['DataError', 'project_root', 'data_path', 'models_path', 'data_dirs', 'find_data', 'size_hw', 'atomic_write',
-           'to_markdown']
+           'file_sha256', 'RunLock', 'to_markdown']
 
 # %% ../nbs/00_core.ipynb #4f2d1e0c
 class DataError(ValueError):
@@ -71,6 +71,59 @@ def atomic_write(path, # the file to write
         if os.path.exists(tmp): os.remove(tmp)
         raise
     return path
+
+# %% ../nbs/00_core.ipynb #5ha256aa
+def file_sha256(path) -> str: # a file
+    "The SHA-256 of a file's bytes, as hex"
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
+    return h.hexdigest()
+
+# %% ../nbs/00_core.ipynb #9192ee7a
+def _pid_alive(pid:int) -> bool:
+    "Whether a process `pid` runs on this machine"
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True   # it exists, owned by another user
+    return True
+
+class RunLock:
+    "Exclusive use of a run folder by one process: a `run.lock` file that names its host and pid; a stale lock (its process gone) is taken over"
+    def __init__(self, run_dir): # the run's folder
+        self.path, self.held = Path(run_dir)/'run.lock', False
+
+    def owner(self) -> dict|None:
+        "The host, pid and start time written in the lock file, or None when there is none"
+        try: host, pid, started = self.path.read_text().split(' ', 2)
+        except FileNotFoundError: return None
+        except ValueError: return {'host': '?', 'pid': -1, 'started': '?'}   # a lock file being written: treat as held
+        return {'host': host, 'pid': int(pid), 'started': started.strip()}
+
+    def acquire(self):
+        "Take the lock, or raise `DataError` naming the process that holds it"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try: fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                o = self.owner()
+                if o is None: continue   # released meanwhile
+                if o['host'] != socket.gethostname() or o['pid'] < 0 or _pid_alive(o['pid']):
+                    raise DataError(f"{self.path.parent} is in use by process {o['pid']} on {o['host']} (since {o['started']}): "
+                                    f"two runs cannot write one folder; if that process is gone, delete {self.path}")
+                warnings.warn(f"{self.path}: taking over the stale lock of process {o['pid']}, which is gone")
+                self.path.unlink(missing_ok=True); continue
+            with os.fdopen(fd, 'w') as f: f.write(f"{socket.gethostname()} {os.getpid()} {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            self.held = True
+            return self
+        raise DataError(f"could not take the lock {self.path}: other processes keep taking it")
+
+    def release(self):
+        "Give the lock back (only if this object holds it)"
+        if self.held: self.path.unlink(missing_ok=True); self.held = False
+
+    def __enter__(self): return self.acquire()
+    def __exit__(self, *exc): self.release()
 
 # %% ../nbs/00_core.ipynb #3cf07a3b
 def to_markdown(df) -> str: # a pandas DataFrame

@@ -4,7 +4,7 @@
 
 # %% ../nbs/18_experiments.ipynb #3d44ad5f
 from __future__ import annotations
-import json, random, time, shutil
+import json, os, random, time, shutil, tempfile
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from fastai.vision.all import *
@@ -14,14 +14,15 @@ from .data.seg import seg_dls
 from .synth import make_lunar_dataset
 from .models import resnet_course, resnet_body, CLASSIFIER_WEIGHTS
 from .learners import classifier_learner, seg_learner, resolve_precision
-from .train import train_run
+from .train import train_run, data_fingerprint, setting_differences, sync_run
 from .budget import (COMPARE_EPOCHS, COMPARE_SEEDS, MIN_EPOCHS, frozen_epochs, EpochSample, parse_budget, fmt_seconds,
-                            run_seconds, plan_comparison, measure_costs, plan_text, RunProgress, cpu_name)
+                            run_seconds, plan_comparison, measure_costs, plan_text, RunProgress, cpu_name,
+                            parse_shard, shard_runs, merge_plans)
 _all_ = ['COMPARE_EPOCHS', 'COMPARE_SEEDS', 'parse_budget', 'plan_comparison']  # the comparison's size, with it
 
 # %% auto #0
 __all__ = ['DEFAULT_CLASSES', 'COMPARISON', 'default_imagenet_path', 'train_classifier', 'ship_classifier', 'run_seg',
-           'plot_samples', 'plot_comparison', 'results_table', 'compare_dir', 'compare', 'COMPARE_EPOCHS',
+           'plot_samples', 'plot_comparison', 'results_table', 'compare_dir', 'aggregate', 'compare', 'COMPARE_EPOCHS',
            'COMPARE_SEEDS', 'parse_budget', 'plan_comparison']
 
 # %% ../nbs/18_experiments.ipynb #162481ee
@@ -48,6 +49,7 @@ def train_classifier(data=None, # Tiny ImageNet folder (default: `default_imagen
                      ship:bool=False, # copy the best weights and history to models/ (the shipped classifier)
                      max_per_class:int=None, # at most this many training images per class (quick runs)
                      resume:bool=False, # continue an interrupted run in `run_dir`
+                     overwrite:bool=False, # replace the run that `run_dir` holds (otherwise refused)
                      precision:str='auto', # 'auto', 'fp32', 'bf16', 'fp16'
                      **kwargs): # passed to `classifier_learner`
     "Train the custom ResNet classifier; returns the learner with its best weights loaded"
@@ -58,8 +60,8 @@ def train_classifier(data=None, # Tiny ImageNet folder (default: `default_imagen
     dls = imagenet_dls(path, wnids=wnids, size=size, bs=bs, seed=seed, max_per_class=max_per_class)
     learn = classifier_learner(dls, precision=precision, **kwargs)
     run_dir = Path(run_dir) if run_dir is not None else models_path('runs', 'classifier')
-    train_run(learn, epochs, lr, run_dir=run_dir, resume=resume,
-              meta={'model': 'ResNet [2,2,2,2] 18ch', 'data': str(path), 'classes': list(dls.vocab), 'bs': bs,
+    train_run(learn, epochs, lr, run_dir=run_dir, resume=resume, overwrite=overwrite,
+              meta={'model': 'ResNet [2,2,2,2] 18ch', 'data': str(path), 'classes': list(dls.vocab),
                     'size': size, 'seed': seed, 'train_items': len(dls.train_ds), 'valid_items': len(dls.valid_ds),
                     'precision': resolve_precision(precision)})
     learn.model.load_state_dict(torch.load(run_dir/'best.pth', weights_only=True))
@@ -104,6 +106,7 @@ def run_seg(dls, # DataLoaders from `seg_dls`
             images:int=None, # training images per epoch, drawn anew each epoch (default: all)
             precision:str='auto', # see `precision_cbs`
             resume:bool=False, # continue the run in `run_dir`
+            overwrite:bool=False, # start afresh in a `run_dir` that holds (the start of) a run
             meta:dict=None): # more settings to record
     "Train one segmentation run and return its learner (best weights loaded) and summary"
     if variant != 'scratch' and not pretrained: raise DataError(f"variant {variant!r} needs a pretrained encoder")
@@ -112,7 +115,7 @@ def run_seg(dls, # DataLoaders from `seg_dls`
     set_seed(seed, reproducible=True)
     dls.train.rng = random.Random(seed)  # same seed, same batch order, whatever ran before on these DataLoaders
     learn = seg_learner(dls, arch=arch, pretrained=pretrained, precision=precision)
-    train_run(learn, epochs, lr, run_dir=run_dir, resume=resume, cbs=EpochSample(images) if images else None, **kw,
+    train_run(learn, epochs, lr, run_dir=run_dir, resume=resume, overwrite=overwrite, cbs=EpochSample(images) if images else None, **kw,
               meta={'arch': arch, 'pretrained': bool(pretrained), 'variant': variant, 'seed': seed,
                     'images_per_epoch': images, 'precision': resolve_precision(precision), **(meta or {})})
     summary = {}
@@ -209,11 +212,79 @@ def _check_seeds(seeds):
 
 def _finished(run_dir, epochs, images):
     "The summary of a finished run of `epochs` epochs of `images` images in `run_dir`, else None"
+    sync_run(run_dir)   # a run killed between its writes: its files agree again
     f = Path(run_dir)/'summary.json'
     if not f.exists(): return None
     s = json.loads(f.read_text())
     ok = s.get('epochs_done') == epochs == s.get('epochs') and s.get('images_per_epoch') == images
     return s if ok and (Path(run_dir)/'best.pth').exists() else None
+
+# %% ../nbs/18_experiments.ipynb #5904f52a
+_SETTINGS = ('epochs', 'images_per_epoch', 'lr', 'bs', 'size', 'data', 'precision')  # in every run's summary: all the same
+_setting = lambda d, k: (d.get('data_fingerprint') or d.get('data')) if k == 'data' else d.get(k)  # data: by content
+
+def _run_name(cfg, seed): return f"{cfg['name']}-s{seed}"
+
+def _claim(out, settings):
+    "Record the comparison's `settings` in `out`/comparison.json when it has none; else check them against it"
+    f, settings = Path(out)/'comparison.json', json.loads(json.dumps(settings, default=str))  # as JSON reads them back
+    if not f.exists():
+        fd, tmp = tempfile.mkstemp(dir=out, prefix='.comparison-', suffix='.json')
+        with os.fdopen(fd, 'w') as fh: fh.write(json.dumps(settings, indent=1))
+        try: os.link(tmp, f)  # never replaces a file that another shard wrote first
+        except FileExistsError: pass
+        except OSError:       # a file system without hard links
+            if not f.exists(): os.replace(tmp, f)
+        finally: Path(tmp).unlink(missing_ok=True)
+    diff = setting_differences(json.loads(f.read_text()), settings, [k for k in settings if k != 'shards'])  # data: by content
+    if diff: raise DataError(f"{f} records a comparison with other settings (there → here: {'; '.join(diff)}): every call "
+                             "and shard of a comparison must use the same settings; use those, or another output folder")
+
+# %% ../nbs/18_experiments.ipynb #b781ca99
+def _collect(out):
+    "The finished runs of the comparison in `out` (rows of runs.csv, histories), in its order, and those not finished"
+    f = out/'comparison.json'
+    if not f.exists(): raise DataError(f"{f} does not exist: {out} is not a comparison's folder (for one written before "
+                                       "comparison.json was, run `compare` on it again with its settings: finished runs are skipped)")
+    c = json.loads(f.read_text()); n = c.get('shards') or 1
+    owner = {_run_name(cfg, s): i for i in range(n) for s, cfg in shard_runs(c['configs'], c['seeds'], (i, n))}
+    rows, hists, missing, seen = [], {}, [], {k: {json.dumps(_setting(c, k)): ['comparison.json']} for k in _SETTINGS}
+    for s, cfg in shard_runs(c['configs'], c['seeds']):
+        name = _run_name(cfg, s); rd = out/'runs'/name
+        if rd.is_dir(): sync_run(rd)   # a run killed between its writes: its files agree again (unless a shard is writing it)
+        sm = json.loads((rd/'summary.json').read_text()) if (rd/'summary.json').exists() else None
+        if sm is None or sm.get('epochs_done') != sm.get('epochs') or not (rd/'best.pth').exists():
+            done = f"{sm.get('epochs_done')} of {sm.get('epochs')} epochs" if sm else 'not started'
+            missing.append(f"{name} ({done}" + (f"; shard {owner[name]}/{n})" if n > 1 else ")")); continue
+        for k in _SETTINGS: seen[k].setdefault(json.dumps(_setting(sm, k)), []).append(name)
+        rows.append(_row(cfg, s, sm)); hists.setdefault(cfg['name'], []).append(pd.read_csv(rd/'history.csv'))
+    if bad := [f"{k}: " + '; '.join(f"{v} in {', '.join(w)}" for v, w in seen[k].items()) for k in _SETTINGS if len(seen[k]) > 1]:
+        raise DataError(f"the runs in {out} were not all trained with the comparison's settings, so they cannot be compared: "
+                        f"{' · '.join(bad)}; remove the odd ones' folders under runs/ and run their shards again")
+    return rows, hists, missing
+
+def _plan_files(out): return [out/'plan.json'] if (out/'plan.json').exists() else sorted(out.glob('plan-shard*.json'))
+
+def aggregate(out, # a comparison's folder: from one `compare` call, or from all the shards of one
+              partial:bool=False, # build the results from the finished runs even when some are not finished
+             ) -> pd.DataFrame:
+    "Write runs.csv, results.csv, results.md and curves.png of the comparison in `out` from its run folders, without training"
+    out = Path(out)
+    rows, hists, missing = _collect(out)
+    if missing and not (partial and rows):
+        raise DataError(f"{len(missing)} run(s) of the comparison in {out} are not finished: {', '.join(missing)}; run their "
+                        "shards again (finished runs are skipped, a half-done one resumes)"
+                        + (", or build the results of the finished ones with partial=True (--partial)" if rows else ""))
+    runs = pd.DataFrame(rows); table = results_table(runs)
+    plan = merge_plans([json.loads(p.read_text()) for p in _plan_files(out)])
+    head = ((f"_Plan: {plan_text(plan)}_\n\n" if plan else '')
+            + (f"_Not finished, left out: {', '.join(missing)}_\n\n" if missing else ''))
+    atomic_write(out/'runs.csv', lambda p: runs.to_csv(p, index=False))
+    plot_comparison(hists, out/'curves.png')
+    atomic_write(out/'results.csv', lambda p: table.to_csv(p, index=False))
+    atomic_write(out/'results.md', lambda p: p.write_text(head + to_markdown(table)))
+    table.attrs.update(out=str(out), plan=plan, missing=missing)  # where the results went, what was planned, what is not in
+    return table
 
 # %% ../nbs/18_experiments.ipynb #2dca7ba9
 def compare(data=None, # segmentation dataset folder (default: the generated set, made if missing)
@@ -233,12 +304,17 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
             split_seed:int=42, # seed of the train/validation split
             valid_pct:float=0.2, # validation fraction
             n_samples:int=4, # validation items in each sample figure
+            shard=None, # train only part i of n of the runs, 'i/n' or (i, n) (see `shard_runs`); no budget then
             started:float=None, # `time.time()` when the budget's clock started (default: now)
             log=print, # progress messages
            ) -> pd.DataFrame:
-    "Train and compare the U-Nets over seeds, within `budget` if one is given; returns the aggregated results table"
+    "Train and compare the U-Nets over seeds, within `budget` if one is given (never with shards); returns the results table"
     t_start, log = (started if started is not None else time.time()), log or (lambda *a: None)
-    budget, seeds = parse_budget(budget), _check_seeds(seeds)
+    budget, seeds, shard = parse_budget(budget), _check_seeds(seeds), parse_shard(shard)
+    i_sh, n_sh = shard or (0, 1)
+    if n_sh > 1 and budget is not None:
+        raise DataError(f"shard {i_sh}/{n_sh} with a {fmt_seconds(budget)} budget: a budget is planned on each machine for "
+                        "itself, so shards could train different plans; give every shard the same epochs (and images and seeds)")
     cfgs = COMPARISON if configs is None else [c if isinstance(c, dict) else _config(c) for c in L(configs)]
     if epochs is not None and epochs < 2 and any(c['variant'] == 'B' for c in cfgs):
         raise DataError(f"epochs={epochs}: variant B needs at least 2 (a frozen and an unfrozen epoch)")
@@ -264,20 +340,26 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
     im = None if plan['all_images'] else plan['images_per_epoch']
     out = Path(out) if out is not None else compare_dir(E, im)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out/'plan.json', lambda p: p.write_text(json.dumps(plan, indent=1)))
-    log(f"plan: {plan_text(plan)}"); log(f"writing to {out}")
-    todo = [(seed, cfg) for seed in S for cfg in cfgs]
+    _claim(out, dict(configs=cfgs, seeds=S, epochs=E, images_per_epoch=im, lr=lr, bs=bs, size=size, data=str(data),
+                     data_fingerprint=data_fingerprint(dls), precision=plan['precision'], freeze_epochs=freeze_epochs,
+                     split_seed=split_seed, valid_pct=valid_pct, shards=n_sh,
+                     pretrained=str(pretrained) if any(c['pretrained'] for c in cfgs) else None))
+    plan['shard'] = [i_sh, n_sh]
+    pf = out/('plan.json' if n_sh == 1 else f'plan-shard{i_sh}of{n_sh}.json')  # shards never write the same file
+    atomic_write(pf, lambda p: p.write_text(json.dumps(plan, indent=1)))
+    log(f"plan: {plan_text(plan)}"); log(f"writing to {out}" + (f", shard {i_sh}/{n_sh}" if n_sh > 1 else ""))
+    todo = shard_runs(cfgs, S, shard)
     prog = RunProgress(t_start, [run_seconds(costs[c['name']], E, plan['images_per_epoch'], nv, freeze_epochs) if budget else 0.
                                for _, c in todo], log)
-    rows, hists = [], {}
     for k, (seed, cfg) in enumerate(todo):
-        rd = out/'runs'/f"{cfg['name']}-s{seed}"
+        rd = out/'runs'/_run_name(cfg, seed)
         s, learn = _finished(rd, E, im), None
         prog.start(k, f"{cfg['name']} seed {seed}" + (" (finished before)" if s is not None else ""))
         if s is None:
             learn, s = run_seg(dls, arch=cfg['arch'], pretrained=pretrained if cfg['pretrained'] else False,
                                variant=cfg['variant'], epochs=E, lr=lr, seed=seed, run_dir=rd, freeze_epochs=freeze_epochs,
                                images=im, precision=precision, resume=(rd/'last.pth').exists(),
+                               overwrite=rd.exists() and not any((rd/f).exists() for f in ('last.pth', 'summary.json')),
                                meta={'name': cfg['name'], 'data': str(data), 'bs': bs, 'size': size})
         if seed == S[0] and (learn is not None or not (out/f"samples-{cfg['name']}.png").exists()):
             if learn is None:
@@ -285,14 +367,11 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
                 learn.model.load_state_dict(torch.load(rd/'best.pth', weights_only=True))
             plot_samples(learn, n_samples, out/f"samples-{cfg['name']}.png", title=cfg['name'])
         prog.end(k, learn is not None)
-        rows.append(_row(cfg, seed, s)); hists.setdefault(cfg['name'], []).append(pd.read_csv(rd/'history.csv'))
-        runs = pd.DataFrame(rows)
-        atomic_write(out/'runs.csv', lambda p: runs.to_csv(p, index=False))
-    table = results_table(runs)
-    plot_comparison(hists, out/'curves.png')
     plan['seconds'] = round(time.time() - t_start, 1)
-    atomic_write(out/'plan.json', lambda p: p.write_text(json.dumps(plan, indent=1)))
-    atomic_write(out/'results.csv', lambda p: table.to_csv(p, index=False))
-    atomic_write(out/'results.md', lambda p: p.write_text(f"_Plan: {plan_text(plan)}_\n\n" + to_markdown(table)))
-    table.attrs.update(out=str(out), plan=plan)  # where the results went, and what was planned
-    return table
+    atomic_write(pf, lambda p: p.write_text(json.dumps(plan, indent=1)))
+    if n_sh > 1 and (missing := _collect(out)[2]):  # other shards' runs: the last shard to finish writes the results
+        log(f"shard {i_sh}/{n_sh} is done; {len(missing)} run(s) of other shards are not finished yet: {', '.join(missing)}; "
+            f"once they are, `moonfast compare --aggregate {out}` writes the results")
+        table = pd.DataFrame(); table.attrs.update(out=str(out), plan=plan, missing=missing)  # no table yet
+        return table
+    return aggregate(out)

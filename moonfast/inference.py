@@ -4,18 +4,20 @@
 
 # %% ../nbs/17_inference.ipynb #c02c9600
 from __future__ import annotations
-import json, math
+import json, math, sys, time, zipfile, functools
 from pathlib import Path
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from fastai.vision.all import Learner, Normalize, imagenet_stats, load_learner, L
-from .core import DataError, size_hw
-from .data.core import open_image
+from fastprogress.fastprogress import progress_bar
+from .core import DataError, size_hw, atomic_write
+from .data.core import open_image, image_files
+from .train import sync_run
 from .cpu.build import is_channels_last
 
 # %% auto #0
-__all__ = ['Predictor', 'predict_masks', 'load_predictor']
+__all__ = ['tta_ops', 'Predictor', 'predict_masks', 'load_predictor', 'mask_names', 'predict_folder']
 
 # %% ../nbs/17_inference.ipynb #a2e87d62
 def _norm_stats(learn):
@@ -34,6 +36,37 @@ def _learner_size(learn) -> tuple:
 def _model_is_channels_last(model:nn.Module) -> bool:
     "Whether the first 4-d parameter of `model` (its first convolution) is in channels-last memory"
     return next((is_channels_last(p) for p in model.parameters() if p.dim() == 4), False)
+
+# %% ../nbs/17_inference.ipynb #3f1a9c02
+def _dihedral_ops(draws) -> list:
+    "fastai `dihedral_mat` indices `draws` as (transpose, flipped dims) operations on n×…×h×w tensors"
+    from fastai.vision.augment import dihedral_mat
+    ops = []
+    for k in draws:
+        m = dihedral_mat(torch.zeros(1, 1, 2, 2), p=1., draw=int(k))[0, :2, :2]
+        t = bool(m[0, 0] == 0)                                  # off-diagonal: x and y swap (a transpose)
+        sx, sy = (m[1, 0], m[0, 1]) if t else (m[0, 0], m[1, 1])  # signs on width (x) and height (y)
+        ops.append((t, tuple(d for d, s in ((-2, sy), (-1, sx)) if s < 0)))
+    return ops
+
+@functools.lru_cache(None)
+def tta_ops() -> tuple:
+    "The flips (and turns) that segmentation training draws, as (transpose, flipped dims) operations"
+    from moonfast.data.augment import _draw_flips
+    with torch.random.fork_rng(devices=[]):   # the draw must not move anyone's random state
+        torch.manual_seed(0)
+        draws = _draw_flips(torch.zeros(4096)).unique().tolist()
+    return tuple(_dihedral_ops(draws))
+
+def _apply_op(x:Tensor, op) -> Tensor:
+    t, dims = op
+    if t: x = x.transpose(-2, -1)
+    return x.flip(dims) if dims else x
+
+def _undo_op(x:Tensor, op) -> Tensor:
+    t, dims = op
+    if dims: x = x.flip(dims)
+    return x.transpose(-2, -1) if t else x
 
 # %% ../nbs/17_inference.ipynb #8a6e6f62
 class Predictor:
@@ -55,8 +88,8 @@ class Predictor:
                    bf16=any(isinstance(cb, CPUAutocast) for cb in learn.cbs))
 
     @torch.no_grad()
-    def probs(self, x:Tensor) -> Tensor: # [0, 1] images, n×3×h×w
-        "Rock probabilities (n×h×w) for [0, 1] images `x` (n×3×h×w)"
+    def forward(self, x:Tensor) -> Tensor: # [0, 1] images, n×3×h×w
+        "Rock probabilities (n×h×w) of one forward pass of the model"
         if self.stats is not None: x = (x - self.stats[0])/self.stats[1]
         dev = next(self.model.parameters()).device
         x = x.to(dev)
@@ -65,6 +98,13 @@ class Predictor:
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=self.bf16 and dev.type == 'cpu'):
             out = self.model(x)
         return torch.sigmoid(out.float()[:, 0]).cpu()
+
+    def probs(self, x:Tensor, # [0, 1] images, n×3×h×w
+              tta:bool=False) -> Tensor: # average over the flips training used (`tta_ops`), each flipped back
+        "Rock probabilities (n×h×w) for [0, 1] images `x` (n×3×h×w)"
+        if not tta: return self.forward(x)
+        ops = tta_ops()
+        return sum(_undo_op(self.forward(_apply_op(x, op)), op) for op in ops)/len(ops)
 
 # %% ../nbs/17_inference.ipynb #41054776
 def _as_pil(item) -> Image.Image:
@@ -87,53 +127,155 @@ def _tile_starts(n, t):
     k = math.ceil((n - t)/(t*3/4)) + 1
     return sorted({round(i*(n - t)/(k - 1)) for i in range(k)})
 
+# %% ../nbs/17_inference.ipynb #3f1a9c08
+def _tiled_probs(pr, x:Tensor, bs:int=64, tta:bool=False, progress:bool=False) -> Tensor:
+    "Probabilities (h×w) of a 1×3×h×w image from overlapping tiles of the training size, `bs` tiles per forward pass"
+    (th, tw), (H, W) = pr.hw, x.shape[-2:]
+    ph, pw = max(0, th - H), max(0, tw - W)
+    if ph or pw: x = F.pad(x, (0, pw, 0, ph), mode='replicate')
+    boxes = [(y0, x0) for y0 in _tile_starts(x.shape[-2], th) for x0 in _tile_starts(x.shape[-1], tw)]
+    acc, cnt = torch.zeros(x.shape[-2:]), torch.zeros(x.shape[-2:])
+    starts = range(0, len(boxes), bs)
+    for i in (progress_bar(starts, leave=False) if progress and len(starts) > 1 else starts):
+        b = boxes[i:i+bs]
+        p = pr.probs(torch.cat([x[..., y0:y0+th, x0:x0+tw] for y0, x0 in b]), tta=tta)
+        for (y0, x0), q in zip(b, p):
+            acc[y0:y0+th, x0:x0+tw] += q; cnt[y0:y0+th, x0:x0+tw] += 1
+    return (acc/cnt)[:H, :W]
+
 # %% ../nbs/17_inference.ipynb #d0a207a4
+def _check_mode(mode, thresh):
+    if mode not in ('resize', 'tile'): raise DataError(f"mode must be 'resize' or 'tile', got {mode!r}")
+    if not 0 < thresh < 1: raise DataError(f"thresh must be in (0, 1), got {thresh!r}")
+
 def predict_masks(learn, # a segmentation `Learner` (from `seg_learner` or `load_learner`) or a `Predictor`
                   items, # image files, PIL images or h×w×3 uint8 arrays (or one of them)
                   mode:str='resize', # 'resize' or 'tile' (see above)
                   thresh:float=0.5, # probability above which a pixel is rock
                   probs:bool=False, # return probabilities instead of 0/1 masks
+                  tta:bool=False, # test-time augmentation: average over the flips training used
+                  bs:int=None, # images (resize; default 16) or tiles (tile; default 64) per forward pass
+                  progress:bool=False, # show a progress bar over the tiles of a large image
                  ) -> list:
     "Rock masks (h×w uint8 0/1, or float probabilities) of `items` at their own full size"
-    if mode not in ('resize', 'tile'): raise DataError(f"mode must be 'resize' or 'tile', got {mode!r}")
+    _check_mode(mode, thresh)
+    bs = bs or (16 if mode == 'resize' else 64)
     pr = learn if isinstance(learn, Predictor) else Predictor.from_learner(learn)
     single = not isinstance(items, (list, tuple, L))
-    hw, res = pr.hw, []
-    for it in ([items] if single else items):
-        im = _as_pil(it); W, H = im.size
-        if mode == 'resize':
-            p = pr.probs(_img_tensor(im, hw))
-            p = F.interpolate(p[None], size=(H, W), mode='bilinear', align_corners=False)[0, 0]
-        else:
-            x = _img_tensor(im)
-            ph, pw = max(0, hw[0] - H), max(0, hw[1] - W)
-            if ph or pw: x = F.pad(x, (0, pw, 0, ph), mode='replicate')
-            acc, cnt = torch.zeros(x.shape[-2:]), torch.zeros(x.shape[-2:])
-            for y0 in _tile_starts(x.shape[-2], hw[0]):
-                for x0 in _tile_starts(x.shape[-1], hw[1]):
-                    acc[y0:y0+hw[0], x0:x0+hw[1]] += pr.probs(x[..., y0:y0+hw[0], x0:x0+hw[1]])[0]
-                    cnt[y0:y0+hw[0], x0:x0+hw[1]] += 1
-            p = (acc/cnt)[:H, :W]
-        res.append(p.numpy() if probs else (p > thresh).numpy().astype(np.uint8))
+    items, res = [items] if single else list(items), []
+    for i in range(0, len(items), bs if mode == 'resize' else 1):
+        ims = [_as_pil(it) for it in items[i:i+bs]] if mode == 'resize' else [_as_pil(items[i])]
+        if mode == 'resize':   # any sizes batch together: all are squashed to the training size
+            ps = pr.probs(torch.cat([_img_tensor(im, pr.hw) for im in ims]), tta=tta)
+            ps = [F.interpolate(p[None, None], size=im.size[::-1], mode='bilinear', align_corners=False)[0, 0]
+                  for p, im in zip(ps, ims)]
+        else: ps = [_tiled_probs(pr, _img_tensor(ims[0]), bs=bs, tta=tta, progress=progress)]
+        res += [p.numpy() if probs else (p > thresh).numpy().astype(np.uint8) for p in ps]
     return res[0] if single else res
 
 # %% ../nbs/17_inference.ipynb #559bf840
-def load_predictor(run, # a run folder (summary.json + best.pth, as `train_run` writes) or an exported learner (.pkl)
+def _read_weights(f:Path) -> dict:
+    "The state dict in `f` (a `last.pth` checkpoint: its `model` entry), read with `weights_only=True`"
+    try: sd = torch.load(f, map_location='cpu', weights_only=True)
+    except Exception:
+        if zipfile.is_zipfile(f):
+            raise DataError(f"{f} holds Python objects besides weights; moonfast does not load those, since loading them "
+                            "could run code. Give a run folder, or a file of model.state_dict() alone") from None
+        raise DataError(f"{f} is not a PyTorch weights file (torch.save of a state dict)") from None
+    if isinstance(sd, dict) and isinstance(sd.get('model'), dict) and 'opt' in sd: sd = sd['model']  # a last.pth
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise DataError(f"{f} holds a {type(sd).__name__}, not a state dict (names → tensors)")
+    return sd
+
+def load_predictor(run, # a run folder (summary.json + best.pth), a .pth state dict or checkpoint, an exported .pkl, or a .onnx file
                    arch:str=None, # the architecture, when `run` is a bare state dict (.pth)
-                   size=128): # training size, when `run` is a bare state dict
-    "A `Predictor` from a recorded run, a state dict (`weights_only=True`), or an exported learner (trusted files only)"
+                   size=128, # training size, when `run` is a bare state dict
+                   trust_pickle:bool=False): # allow an exported learner (.pkl): loading a pickle can run any code in it
+    "A `Predictor` from a recorded run, a state dict or `last.pth` (`weights_only=True`), an exported learner (trusted only) or ONNX"
     from moonfast.learners import seg_model, SEG_ARCHS   # not at module level: moonfast.learners imports this module
     run = Path(run)
     if not run.exists(): raise DataError(f"{run} does not exist: expected a run folder, a .pth state dict or an exported .pkl")
     if run.is_dir():
+        sync_run(run)   # a run killed between its writes: best.pth and summary.json agree again
         f = run/'summary.json'
         if not f.exists() or not (run/'best.pth').exists():
             raise DataError(f"{run} is not a finished run folder: expected summary.json and best.pth in it")
         s = json.loads(f.read_text())
         arch, size, run = s.get('arch', arch), s.get('size', size), run/'best.pth'
-    if run.suffix == '.pkl': return Predictor.from_learner(load_learner(run))
-    if arch is None: raise DataError(f"{run} is a bare state dict: say which architecture it is (one of {SEG_ARCHS})")
+    if run.suffix == '.onnx':
+        from moonfast.onnx import OnnxPredictor
+        return OnnxPredictor(run)
+    if run.suffix == '.pkl':
+        if not trust_pickle:
+            raise DataError(f"{run} is a pickle (an exported learner): loading it runs whatever code it holds. Load it only "
+                            "if you trust where it came from: --trust_pickle (CLI) or trust_pickle=True; or predict from "
+                            "the run folder, whose weights cannot run code")
+        return Predictor.from_learner(load_learner(run))
+    sd = _read_weights(run)
+    if arch is None:
+        hint = f" (or give the run folder {run.parent}, whose summary.json names it)" if (run.parent/'summary.json').exists() else ''
+        raise DataError(f"{run} is a bare state dict: say which architecture it is (one of {SEG_ARCHS}){hint}")
     model = seg_model(arch, img_size=size_hw(size))
-    try: model.load_state_dict(torch.load(run, map_location='cpu', weights_only=True))
+    try: model.load_state_dict(sd)
     except Exception as e: raise DataError(f"{run} does not hold {arch!r} weights: {str(e)[:500]}") from None
     return Predictor(model, size)
+
+# %% ../nbs/17_inference.ipynb #3f1a9c17
+def mask_names(files) -> list:
+    "Output names (stems) for `files`: the stem, or stem_ext where inputs share a stem; `DataError` if two still clash"
+    files = [Path(f) for f in files]
+    n = {}
+    for f in files: n[f.stem.casefold()] = n.get(f.stem.casefold(), 0) + 1
+    names = [f"{f.stem}_{f.suffix.lstrip('.')}" if n[f.stem.casefold()] > 1 else f.stem for f in files]
+    seen = {}
+    for f, s in zip(files, names):
+        if s.casefold() in seen:
+            raise DataError(f"{seen[s.casefold()]} and {f} would both write {s}_mask.png: rename one of them")
+        seen[s.casefold()] = f
+    return names
+
+# %% ../nbs/17_inference.ipynb #3f1a9c19
+def _write_png(path, arr): atomic_write(path, lambda p: Image.fromarray(arr).save(p, format='PNG'))
+
+def _overlay(im:Image.Image, m:np.ndarray) -> np.ndarray:
+    "The image with rock pixels tinted orange"
+    a = np.asarray(im).astype(np.float32)
+    a[m == 1] = 0.5*a[m == 1] + 0.5*np.array([255, 60, 0])
+    return a.astype(np.uint8)
+
+def predict_folder(pr, # a `Predictor` (or `moonfast.onnx.OnnxPredictor`)
+                   src, # an image file or a folder of images
+                   out, # folder for the masks (created)
+                   mode:str='resize', # 'resize' or 'tile'
+                   thresh:float=0.5, # probability above which a pixel is rock
+                   tta:bool=False, # test-time augmentation (see `Predictor.probs`)
+                   overlay:bool=False, # also write <name>_overlay.png
+                   bs:int=None, # images (resize; default 16) or tiles (tile; default 64) per forward pass
+                   progress:bool=True, # progress bars
+                   log=None): # called with a line for each image that is skipped (default: print to stderr)
+    "Write <name>_mask.png (0/255, full size) for each image of `src`; returns (written files, [(file, error)], seconds)"
+    log = log or (lambda s: print(s, file=sys.stderr))
+    _check_mode(mode, thresh)
+    src, o = Path(src), Path(out)
+    if not src.exists(): raise DataError(f"{src} does not exist: expected an image file or a folder of images")
+    files = image_files(src) if src.is_dir() else [src]
+    if not files: raise DataError(f"no images found in {src}: expected image files (png, jpg, ...)")
+    if o.exists() and not o.is_dir(): raise DataError(f"{o} is a file: expected a folder for the masks")
+    names = mask_names(files)
+    o.mkdir(parents=True, exist_ok=True)
+    written, failed, t0 = [], [], time.perf_counter()
+    def read(i):
+        try: return _as_pil(files[i])
+        except DataError as e: failed.append((files[i], str(e))); log(f"skipped {files[i]}: {e}")
+    step = (bs or 16) if mode == 'resize' else 1
+    starts = range(0, len(files), step)
+    for s in (progress_bar(starts) if progress else starts):
+        got = [(i, im) for i in range(s, min(s + step, len(files))) if (im := read(i)) is not None]
+        if not got: continue
+        ps = predict_masks(pr, [im for _, im in got], mode=mode, probs=True, tta=tta, bs=bs, progress=progress)
+        for (i, im), p in zip(got, ps):
+            m = (p > thresh).astype(np.uint8)
+            _write_png(o/f'{names[i]}_mask.png', m*255)
+            if overlay: _write_png(o/f'{names[i]}_overlay.png', _overlay(im, m))
+            written.append(o/f'{names[i]}_mask.png')
+    return written, failed, time.perf_counter() - t0

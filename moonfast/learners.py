@@ -87,15 +87,20 @@ def build_learner(dls:DataLoaders, # the data
                   cbs=None, # extra callbacks
                   arch:str=None, # the architecture's name, recorded by `train_run`
                   img_size=None, # the training size (h, w) (default: `dls.img_size`, which moonfast's data builders set)
+                  weights=None, # the file of the pretrained weights the model started from, recorded by `train_run`
                   **kwargs # passed to `Learner` (default `opt_func`: `FusedAdam`; default `path`: the project folder)
                  ) -> Learner:
     "A fastai `Learner` with moonfast's precision callback and, on the CPU, its speed-ups"
     cuda = _on_cuda(dls)
     if speedups and not cuda: speed_up(model); cbs = L(ChannelsLast()) + L(cbs)
-    info = ModelInfo(arch, img_size if img_size is not None else getattr(dls, 'img_size', None))
+    info = ModelInfo(arch, img_size if img_size is not None else getattr(dls, 'img_size', None), weights)
     kwargs.setdefault('path', project_root()); kwargs.setdefault('opt_func', FusedAdam)
-    return Learner(dls, model, loss_func=loss_func, metrics=metrics,
-                   cbs=L(precision_cbs(precision, cuda=cuda)) + L(cbs) + L(info), **kwargs)
+    learn = Learner(dls, model, loss_func=loss_func, metrics=metrics,
+                    cbs=L(precision_cbs(precision, cuda=cuda)) + L(cbs) + L(info), **kwargs)
+    if num_distrib() > 1:   # launched as one of several processes (torchrun, accelerate launch): data-parallel
+        from .distributed import to_distributed
+        to_distributed(learn)
+    return learn
 
 # %% ../nbs/15_learners.ipynb #50912c6b
 def top5_accuracy(inp, targ):
@@ -120,7 +125,8 @@ def classifier_learner(data, # a Tiny ImageNet-layout folder, or DataLoaders fro
     model = resnet_course(pretrained=pretrained, num_classes=len(dls.vocab))
     loss = LabelSmoothingCrossEntropyFlat(eps=label_smoothing) if label_smoothing else CrossEntropyLossFlat()
     return build_learner(dls, model, loss, [accuracy, top5_accuracy], precision=precision, speedups=speedups, cbs=cbs,
-                         arch='resnet_course', img_size=getattr(dls, 'img_size', None) or size_hw(size), **kwargs)
+                         arch='resnet_course', img_size=getattr(dls, 'img_size', None) or size_hw(size),
+                         weights=weights_file(pretrained) if pretrained else None, **kwargs)
 
 # %% ../nbs/15_learners.ipynb #af337806
 SEG_ARCHS = ('unet', 'dynamic_unet', 'resnet_unet')
@@ -161,7 +167,8 @@ def seg_learner(data, # a segmentation dataset folder (any layout `seg_dls` read
     img_size = getattr(dls, 'img_size', None) or size_hw(size)
     if arch != 'unet': kwargs.setdefault('splitter', unet_splitter)
     learn = build_learner(dls, seg_model(arch, pretrained, img_size), BCEDiceLoss(bce_weight, dice_weight), seg_metrics(),
-                          precision=precision, speedups=speedups, cbs=cbs, arch=arch, img_size=img_size, **kwargs)
+                          precision=precision, speedups=speedups, cbs=cbs, arch=arch, img_size=img_size,
+                          weights=weights_file(pretrained) if pretrained else None, **kwargs)
     if pretrained: learn.freeze()
     return learn
 

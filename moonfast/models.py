@@ -15,9 +15,9 @@ from .core import DataError, models_path
 
 
 # %% auto #0
-__all__ = ['CLASSIFIER_WEIGHTS', 'DYNAMIC_UNET_KWARGS', 'BasicBlock', 'ResNet', 'resnet_course', 'resnet_body', 'double_conv',
-           'cat_channels', 'UpBlock', 'UNet', 'ResNetUNet', 'resnet_dynamic_unet', 'encoder_of', 'unet_splitter',
-           'load_encoder_weights']
+__all__ = ['CLASSIFIER_WEIGHTS', 'DYNAMIC_UNET_KWARGS', 'BasicBlock', 'ResNet', 'weights_file', 'resnet_course', 'resnet_body',
+           'double_conv', 'cat_channels', 'UpBlock', 'UNet', 'ResNetUNet', 'resnet_dynamic_unet', 'encoder_of',
+           'unet_splitter', 'load_encoder_weights']
 
 # %% ../nbs/08_models.ipynb #320f0183
 class BasicBlock(nn.Module):
@@ -123,8 +123,8 @@ def _check_fit(target:dict, sd:dict, name:str, model_name:str, ignore=lambda k: 
 # %% ../nbs/08_models.ipynb #2377e3c7
 CLASSIFIER_WEIGHTS = models_path('classifier-tiny10.pth')
 
-def _weights_file(pretrained) -> Path:
-    "The weights file that `pretrained` (`True` or a path) stands for"
+def weights_file(pretrained) -> Path: # `True` (the shipped classifier) or a path to a state dict
+    "The weights file that `pretrained` stands for"
     if pretrained is not True: return Path(pretrained)
     if not CLASSIFIER_WEIGHTS.is_file():
         raise DataError(f"pretrained=True loads the classifier weights '{CLASSIFIER_WEIGHTS}', which do not exist yet: run "
@@ -137,7 +137,7 @@ def resnet_course(pretrained:bool|str|Path=False, # `True`: `CLASSIFIER_WEIGHTS`
     "The course's ResNet classifier, optionally with the weights of a saved classifier state dict"
     model = ResNet(num_classes=num_classes, **kwargs)
     if pretrained is None or pretrained is False: return model
-    sd, name = _read_state(_weights_file(pretrained))
+    sd, name = _read_state(weights_file(pretrained))
     target = model.state_dict()
     n_file = sd['head.fc.bias'].shape[0] if 'head.fc.bias' in sd and sd['head.fc.bias'].ndim == 1 else None
     head_differs = num_classes is not None and n_file is not None and n_file != num_classes
@@ -247,7 +247,7 @@ class ResNetUNet(nn.Module):
         self.mult, self.arch = 2**len(self.encoder), body.extra_repr()
         _init_cnn(self.bottleneck); _init_cnn(self.decoder); _init_cnn(self.head)
         if pretrained is not None and pretrained is not False:
-            load_encoder_weights(self, _weights_file(pretrained))
+            load_encoder_weights(self, weights_file(pretrained))
 
     def forward(self, x):
         x, (h, w) = _pad_to(x, self.mult)

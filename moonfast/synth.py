@@ -300,6 +300,7 @@ def make_lunar_dataset(dest=None, # folder to write; default `data_path('moon-sy
                        overwrite:bool=False): # replace a set made with other parameters instead of raising
     "Write `n` procedural lunar pairs in the binary course layout to `dest` (reusing a complete identical set)"
     dest = Path(dest) if dest is not None else data_path('moon-synth')
+    if dest.exists() and not dest.is_dir(): raise DataError(f"{dest} is a file: expected a folder for the generated set")
     if n < 1 or n > 9999: raise DataError(f'make_lunar_dataset: n={n}; expected 1 to 9999 pairs (ids have 4 digits)')
     h, w = size_hw(size)
     params = dict(generator='moonfast.synth.lunar_scene', version=_SYNTH_VERSION, n=int(n), seed=int(seed), height=h, width=w)
@@ -371,6 +372,7 @@ def make_tiny_classes(dest=None, # folder to write; default `data_path('tiny-syn
                       overwrite:bool=False): # replace a set made with other parameters instead of raising
     "Write a small procedural classification set in the Tiny ImageNet layout to `dest`"
     dest = Path(dest) if dest is not None else data_path('tiny-synth')
+    if dest.exists() and not dest.is_dir(): raise DataError(f"{dest} is a file: expected a folder for the generated set")
     if not 1 <= n_classes <= len(_TINY_CLASSES):
         raise DataError(f'make_tiny_classes: n_classes={n_classes}; expected 1 to {len(_TINY_CLASSES)}')
     params = dict(generator='moonfast.synth.make_tiny_classes', version=_SYNTH_VERSION, n_classes=n_classes,

@@ -4,27 +4,34 @@
 
 # %% ../nbs/16_train.ipynb #bda26d19
 from __future__ import annotations
-import json, time, warnings
+import hashlib, json, math, os, random, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn as nn
 from fastai.basics import *
 from fastai.callback.schedule import *
 from fastai.callback.tracker import TrackerCallback
-from .core import DataError, atomic_write
+from fastai.torch_core import rank_distrib, num_distrib
+from .core import DataError, atomic_write, file_sha256, RunLock
 
 # %% auto #0
-__all__ = ['ModelInfo', 'save_checkpoint', 'load_checkpoint', 'RunRecorder', 'train_run', 'plot_history']
+__all__ = ['RUN_FILES', 'TRAINING_SETTINGS', 'ModelInfo', 'save_checkpoint', 'load_checkpoint', 'write_records', 'RunRecorder',
+           'sync_run', 'data_fingerprint', 'setting_differences', 'StopOnNonFinite', 'RunInterrupted', 'train_run',
+           'plot_history']
 
 # %% ../nbs/16_train.ipynb #64c5f5e9
 class ModelInfo(Callback):
-    "What a learner builder knows about its model: the architecture's name and the training size (no training events)"
+    "What a learner builder knows about its model: the architecture's name, the training size, the pretrained weights (no training events)"
     def __init__(self, arch:str=None, # the architecture, e.g. `seg_model`'s `arch`
-                 img_size=None): # the training size (h, w)
+                 img_size=None, # the training size (h, w)
+                 weights=None): # the file of the pretrained weights the model started from, if any
         self.arch, self.img_size = arch, None if img_size is None else tuple(img_size)
+        self.weights = None if weights is None else str(weights)
+        self.weights_sha256 = None if weights is None else file_sha256(weights)
 
     def as_meta(self) -> dict:
-        "The settings `train_run` records in summary.json: `arch` and `size`, where known"
-        return {k: v for k, v in (('arch', self.arch), ('size', self.img_size)) if v is not None}
+        "The settings `train_run` records in summary.json: `arch`, `size`, `weights` and `weights_sha256`, where known"
+        return {k: v for k, v in (('arch', self.arch), ('size', self.img_size), ('weights', self.weights),
+                                  ('weights_sha256', self.weights_sha256)) if v is not None}
 
 # %% ../nbs/16_train.ipynb #e2804a07
 def _plain_py(o):
@@ -47,25 +54,63 @@ def load_checkpoint(path) -> dict:
     try: return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e: raise DataError(f"checkpoint {path} could not be read as a moonfast checkpoint: {e}") from e
 
+# %% ../nbs/16_train.ipynb #873c8ed2
+RUN_FILES = ('last.pth', 'best.pth', 'history.csv', 'summary.json', 'curves.png')  # what a run writes to its folder
+
+def _unwrap(model:nn.Module) -> nn.Module:
+    "The model inside a `DistributedDataParallel` wrapper (or the model itself): checkpoints hold its plain state dict"
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+def _json_safe(o):
+    "`o` with NaN and infinite floats as None, so that summary.json is strict JSON"
+    if isinstance(o, dict): return {k: _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return [_json_safe(v) for v in o]
+    if isinstance(o, float) and not math.isfinite(o): return None
+    return o
+
+def write_records(run_dir, # the run's folder
+                  ckpt:dict): # a `last.pth` checkpoint (with its `summary`)
+    "Write best.pth (when the checkpoint's epoch is the best), history.csv and summary.json from a `last.pth` checkpoint"
+    run_dir = Path(run_dir)
+    if ckpt['best_epoch'] is not None and ckpt['best_epoch'] == len(ckpt['history']) - 1:
+        save_checkpoint(run_dir/'best.pth', ckpt['model'])
+    df = pd.DataFrame(ckpt['history'])
+    atomic_write(run_dir/'history.csv', lambda p: df.to_csv(p, index=False))
+    text = json.dumps(_json_safe(ckpt['summary']), indent=2, allow_nan=False)
+    atomic_write(run_dir/'summary.json', lambda p: p.write_text(text))
+
 # %% ../nbs/16_train.ipynb #a18b9124
 class RunRecorder(TrackerCallback):
-    "Write the history, summary, best and last checkpoints of a run to `run_dir` after every epoch (atomically)"
+    "Write the history, summary, best and last checkpoints of a run to `run_dir` after every epoch (atomically, on rank 0)"
     order = TrackerCallback.order
     def __init__(self, run_dir, # the run's folder
                  monitor:str='valid_loss', # the metric that picks the best epoch
                  meta:dict=None): # settings recorded in summary.json
         super().__init__(monitor=monitor, reset_on_fit=False)
         self.run_dir, self.meta = Path(run_dir), dict(meta or {})
-        self.history, self.best_epoch, self.phase, self.phase_idx = [], None, 'train', 0
+        self.history, self.best_epoch, self.phase, self.phase_idx, self.seed_base = [], None, 'train', 0, None
+        self.writer = rank_distrib() == 0   # under torch.distributed, only the first process writes files
 
     def before_fit(self):
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.writer: self.run_dir.mkdir(parents=True, exist_ok=True)
         names = list(self.recorder.metric_names[1:-1])
         if self.monitor not in names: raise DataError(f"monitor {self.monitor!r} is not among the run's columns {names}")
+        if self.seed_base is None: self.seed_base = int(torch.randint(0, 2**31 - 1, ()).item())
+        if getattr(self, 'smooth', None):   # resumed mid-phase: the running train_loss goes on from where it was
+            sl = self.recorder.smooth_loss; sl.count, sl.val = self.smooth['count'], torch.tensor(self.smooth['val'])
+            self.smooth = None
         super().before_fit()
 
     def before_epoch(self): self._t0, self._skipped = time.perf_counter(), False
     def after_cancel_epoch(self): self._skipped = True  # an epoch skipped on resume (fastai's `SkipToEpoch`)
+
+    def before_train(self):
+        "Seed the random generators from the run's seed and the epoch, so that a resumed epoch draws what it would have"
+        s = self.seed_base + 7919*len(self.history)
+        r = s + 104729*rank_distrib()   # each process its own augmentation, one shuffle for all
+        random.seed(r); np.random.seed(r % 2**32); torch.manual_seed(r)
+        dl = self.learn.dl
+        getattr(dl, 'dl', dl).rng = random.Random(s)   # under DDP, the loader inside fastai's `DistributedDL` shuffles
 
     def after_epoch(self):
         if self._skipped: return
@@ -75,22 +120,20 @@ class RunRecorder(TrackerCallback):
                'seconds': round(time.perf_counter() - self._t0, 3)}
         self.history.append(row)
         self.new_best = False
-        if row[self.monitor] is not None: super().after_epoch()   # fastai's comparison sets `best` and `new_best`
-        if self.new_best:
-            self.best_epoch = row['epoch']
-            save_checkpoint(self.run_dir/'best.pth', self.learn.model.state_dict())
-        save_checkpoint(self.run_dir/'last.pth', {
-            'model': self.learn.model.state_dict(), 'opt': self.learn.opt.state_dict(),
-            'phase_idx': self.phase_idx, 'phase_epoch': self.epoch, 'history': self.history,
-            'best': float(self.best), 'best_epoch': self.best_epoch,
-            'plan': {k: self.meta.get(k) for k in ('epochs', 'freeze_epochs', 'frozen')}})
-        self.write_records()
+        if row[self.monitor] is not None and math.isfinite(row[self.monitor]): super().after_epoch()  # fastai's comparison
+        if self.new_best: self.best_epoch = row['epoch']
+        if self.writer:   # last.pth is the commit point of the epoch; `sync_run` rebuilds the rest from it after a kill
+            ckpt = self.checkpoint()
+            save_checkpoint(self.run_dir/'last.pth', ckpt)
+            write_records(self.run_dir, ckpt)
 
-    def write_records(self):
-        "Write history.csv and summary.json from the rows so far"
-        df = pd.DataFrame(self.history)
-        atomic_write(self.run_dir/'history.csv', lambda p: df.to_csv(p, index=False))
-        atomic_write(self.run_dir/'summary.json', lambda p: p.write_text(json.dumps(self.summary(), indent=2)))
+    def checkpoint(self) -> dict:
+        "The `last.pth` checkpoint: weights, optimizer, the run's position, history, best, random seed, settings, summary"
+        return {'model': _unwrap(self.learn.model).state_dict(), 'opt': self.learn.opt.state_dict(),
+                'phase_idx': self.phase_idx, 'phase_epoch': self.epoch, 'history': self.history,
+                'best': float(self.best), 'best_epoch': self.best_epoch, 'seed_base': self.seed_base,
+                'meta': self.meta, 'summary': self.summary(),
+                'smooth_loss': {'count': int(self.recorder.smooth_loss.count), 'val': float(self.recorder.smooth_loss.val)}}
 
     def summary(self) -> dict:
         "The run's summary: settings, best epoch and its metrics, median seconds per epoch"
@@ -99,11 +142,87 @@ class RunRecorder(TrackerCallback):
         return {**self.meta, 'monitor': self.monitor, 'epochs_done': len(self.history),
                 'best_epoch': self.best_epoch, 'best': {k: v for k, v in best.items() if k not in ('epoch', 'phase_epoch')},
                 'seconds_per_epoch': round(float(np.median(secs)), 3) if secs else None,
-                'parameters': int(sum(p.numel() for p in self.learn.model.parameters()))}
+                'parameters': int(sum(p.numel() for p in _unwrap(self.learn.model).parameters()))}
 
     def restore(self, ckpt:dict):
-        "Take the history and best score from a `last.pth` checkpoint"
+        "Take the history, best score and random seed from a `last.pth` checkpoint"
         self.history, self.best, self.best_epoch = list(ckpt['history']), ckpt['best'], ckpt['best_epoch']
+        self.seed_base = ckpt.get('seed_base')
+
+# %% ../nbs/16_train.ipynb #8d02ecbb
+def _sync_records(run_dir) -> dict|None:
+    "`sync_run` for a caller that holds the run's lock"
+    run_dir = Path(run_dir)
+    for f in run_dir.glob('.*.tmp'):   # the temporary files of writes that a kill interrupted
+        if any(f.name.startswith(f'.{n}.') for n in RUN_FILES): f.unlink(missing_ok=True)
+    if not (run_dir/'last.pth').exists(): return None
+    ckpt = load_checkpoint(run_dir/'last.pth')
+    if 'summary' not in ckpt: return ckpt   # a checkpoint of an older moonfast: nothing to compare with
+    try: done = json.loads((run_dir/'summary.json').read_text()).get('epochs_done')
+    except (OSError, ValueError): done = None
+    if done != len(ckpt['history']) or not (run_dir/'history.csv').exists(): write_records(run_dir, ckpt)
+    return ckpt
+
+def sync_run(run_dir) -> dict|None: # a run's folder
+    "Make best.pth, history.csv and summary.json agree with last.pth after a kill between writes; the `last.pth` checkpoint, or None"
+    run_dir = Path(run_dir)
+    if not (run_dir/'last.pth').exists(): return None
+    try: lock = RunLock(run_dir).acquire()
+    except (DataError, OSError): return load_checkpoint(run_dir/'last.pth')  # a run in progress, or a read-only folder
+    try: return _sync_records(run_dir)
+    finally: lock.release()
+
+# %% ../nbs/16_train.ipynb #79e305b0
+def data_fingerprint(dls) -> str|None:
+    "A short hash of the training and validation items: file names (relative to their common folder), sizes and labels; None when the items are not files"
+    rows, files = [], []
+    for split, ds in (('train', dls.train_ds), ('valid', dls.valid_ds)):
+        items = getattr(ds, 'items', None)
+        if items is None: return None
+        for it in items:
+            for v in (it if isinstance(it, (tuple, list)) else (it,)):
+                if isinstance(v, Path): files.append(v); rows.append((split, v))
+                elif isinstance(v, (str, int)): rows.append((split, v))
+                else: return None
+    if not files: return None
+    root = Path(os.path.commonpath([str(f) for f in files])) if len(files) > 1 else files[0].parent
+    h = hashlib.sha256()
+    for split, v in rows:
+        h.update(f"{split}|{v.relative_to(root)}|{v.stat().st_size}\n".encode() if isinstance(v, Path) else f"{split}|{v}\n".encode())
+    return h.hexdigest()[:16]
+
+TRAINING_SETTINGS = ('arch', 'model', 'size', 'weights_sha256', 'pretrained', 'variant', 'data', 'layout', 'data_fingerprint',
+                     'classes', 'train_items', 'valid_items', 'images_per_epoch', 'bs', 'lr', 'lr_mult', 'seed',
+                     'precision', 'epochs', 'freeze_epochs', 'frozen')  # what changes what a run trains
+
+def setting_differences(old:dict, # the recorded settings (a run's `meta`)
+                        new:dict, # the settings asked for now
+                        keys=TRAINING_SETTINGS) -> list[str]:
+    "The training settings recorded in both `old` and `new` that differ, as 'name old → new'"
+    norm = lambda v: json.loads(json.dumps(_json_safe(v), default=str))   # (h, w) tuples and lists, paths and strings alike
+    fp = old.get('data_fingerprint')
+    skip = {'data'} if fp and fp == new.get('data_fingerprint') else set()   # a moved folder holds the same data
+    return [f"{k} {norm(old[k])} → {norm(new[k])}" for k in keys
+            if k not in skip and k in old and k in new and norm(old[k]) != norm(new[k])]
+
+# %% ../nbs/16_train.ipynb #6e789f04
+class StopOnNonFinite(Callback):
+    "Stop training with a `DataError` when a loss becomes NaN or infinite: before the step that would spread it into the weights"
+    order = Recorder.order + 1   # after the recorder has the epoch's losses, before `RunRecorder` writes the epoch
+    def after_loss(self):
+        loss = self.learn.to_detach(self.learn.loss.mean()) if num_distrib() > 1 else self.learn.loss  # all ranks agree
+        if self.training and not torch.isfinite(loss).all():
+            raise DataError(f"the training loss became {float(self.learn.loss)} at batch {self.iter + 1} of epoch "
+                            f"{self.epoch + 1} (lr {self.opt.hypers[-1]['lr']:.3g}): training stopped before that step; "
+                            "lower the learning rate or check the data")
+    def before_fit(self): self._skip = False
+    def after_cancel_epoch(self): self._skip = True   # an epoch skipped on resume has no losses of its own
+    def after_epoch(self):
+        skip, self._skip = self._skip, False
+        if skip or not self.recorder.values: return
+        bad = {n: v for n, v in zip(('train_loss', 'valid_loss'), self.recorder.values[-1][:2]) if not math.isfinite(v)}
+        if bad: raise DataError(f"{', '.join(f'{n} {v}' for n, v in bad.items())} at epoch {self.epoch + 1}: training "
+                                "stopped, the epoch is not recorded; lower the learning rate or check the data")
 
 # %% ../nbs/16_train.ipynb #b7ad0bfc
 def _phases(epochs, lr, freeze_epochs, frozen, lr_mult):
@@ -117,17 +236,53 @@ def _phases(epochs, lr, freeze_epochs, frozen, lr_mult):
             ('unfrozen', epochs - freeze_epochs, False, dict(lr_max=slice(lr/2/lr_mult, lr/2), pct_start=0.3, div=5.))]
 
 # %% ../nbs/16_train.ipynb #2ed8cb82
-def _resume_point(run_dir, epochs, freeze_epochs, frozen, phases):
-    "The `last.pth` checkpoint of the run in `run_dir` and the (phase, epoch) to continue from; None when it is finished"
-    ckpt = load_checkpoint(Path(run_dir)/'last.pth')
-    plan = {'epochs': epochs, 'freeze_epochs': freeze_epochs, 'frozen': frozen}
-    if ckpt.get('plan', plan) != plan:
-        raise DataError(f"cannot resume {run_dir}: it was started with {ckpt['plan']}, not {plan}; "
-                        "resume with the same settings or start a new run folder")
-    if len(ckpt['history']) >= epochs: return ckpt, None
+class RunInterrupted(KeyboardInterrupt):
+    "Ctrl-C during `train_run`: the message says where the run stands and how to continue it"
+
+def _check_lr(lr, lr_mult):
+    for name, v in (('lr', lr), ('lr_mult', lr_mult)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise DataError(f"{name}={v!r}: expected a finite number > 0")
+
+def _resume_point(ckpt, run_dir, meta, phases, epochs):
+    "The (phase, epoch) to continue the run of `ckpt` from; None when it is finished; `DataError` if settings differ"
+    if 'meta' in ckpt: diffs = setting_differences(ckpt['meta'], meta)
+    else: diffs = [f"{k} {ckpt['plan'][k]} → {meta[k]}" for k in ckpt.get('plan', {}) if ckpt['plan'][k] != meta[k]]
+    if diffs: raise DataError(f"cannot resume {run_dir}: settings differ from the run's (recorded → now): {'; '.join(diffs)}; "
+                              "resume with the run's settings, or start a new run (another folder, or overwrite)")
+    if len(ckpt['history']) >= epochs: return None
     phase, epoch = ckpt['phase_idx'], ckpt['phase_epoch'] + 1
     if epoch >= phases[phase][1]: phase, epoch = phase + 1, 0
-    return ckpt, (phase, epoch)
+    return phase, epoch
+
+def _start_fresh(run_dir, overwrite, writer):
+    "Refuse a folder that holds a run, unless `overwrite`: then remove that run's files"
+    found = [f for f in RUN_FILES if (run_dir/f).exists()]
+    if not found: return
+    if not overwrite:
+        try: done = f" ({json.loads((run_dir/'summary.json').read_text())['epochs_done']} epochs recorded)"
+        except Exception: done = ''
+        raise DataError(f"{run_dir} already holds a run{done}: continue it with resume=True (CLI: --resume), replace it "
+                        "with overwrite=True (CLI: --overwrite), or choose another folder")
+    if writer:
+        for f in found: (run_dir/f).unlink(missing_ok=True)
+
+def _plain_message(e:Exception) -> str:
+    "The message of `e` without the 'Exception occured in `cb` when calling event' line that fastai puts before it"
+    m = str(e)
+    return m.split('\n\t', 1)[1] if m.startswith('Exception occured in `') and '\n\t' in m else m
+
+def _fit_phases(learn, phases, rec, start, ckpt, cbs):
+    "Fit each phase from `start` = (phase, epoch) with fastai's one-cycle schedule"
+    cbs = L(StopOnNonFinite()) + L(rec) + L(cbs)
+    for i, (name, n, freeze, kw) in enumerate(phases):
+        if i < start[0]: continue
+        if freeze: learn.freeze()
+        else: learn.unfreeze()
+        resumed = ckpt is not None and i == start[0] and start[1] > 0
+        if resumed: learn.opt.load_state_dict(ckpt['opt']); rec.smooth = ckpt.get('smooth_loss')
+        if rec is not None: rec.phase, rec.phase_idx = name, i
+        learn.fit_one_cycle(n, start_epoch=start[1] if i == start[0] else 0, cbs=cbs, **kw)
 
 def train_run(learn:Learner, # the learner to train
               epochs:int, # total number of epochs, all phases together
@@ -137,35 +292,52 @@ def train_run(learn:Learner, # the learner to train
               run_dir=None, # folder for history, summary, checkpoints and curves (None: record nothing)
               monitor:str=None, # metric that picks the best epoch (default: the first metric, else valid_loss)
               resume:bool=False, # continue the run in `run_dir` from its last checkpoint
+              overwrite:bool=False, # replace a run that `run_dir` already holds (otherwise refused)
               lr_mult:float=100, # how much slower the encoder learns than the decoder when unfrozen
               meta:dict=None, # settings to record in summary.json
               cbs=None, # extra callbacks for this run
              ) -> pd.DataFrame:
     "Train `learn` for `epochs` with one-cycle schedules in the phases that `frozen`/`freeze_epochs` ask for"
+    _check_lr(lr, lr_mult)
     phases = _phases(epochs, lr, freeze_epochs, frozen, lr_mult)
+    if resume and overwrite: raise DataError("resume=True and overwrite=True contradict each other: continue the run or replace it")
     if monitor is None: monitor = learn.metrics[0].name if len(learn.metrics) else 'valid_loss'
-    if resume and run_dir is None: raise DataError("resume=True needs the run_dir of the run to resume")
-    info = learn.model_info.as_meta() if hasattr(learn, 'model_info') else {}
-    rec = RunRecorder(run_dir, monitor, meta={'epochs': epochs, 'lr': lr, 'freeze_epochs': freeze_epochs,
-                                              'frozen': frozen, **info, **(meta or {})}) if run_dir is not None else None
-    start_phase, start_epoch, ckpt = 0, 0, None
-    if resume:
-        ckpt, start = _resume_point(run_dir, epochs, freeze_epochs, frozen, phases)
-        if start is None:
-            warnings.warn(f"run in {run_dir} already finished its {epochs} epochs")
-            return pd.DataFrame(ckpt['history'])
-        learn.model.load_state_dict(ckpt['model'])
-        rec.restore(ckpt)
-        start_phase, start_epoch = start
-    for i, (name, n, freeze, kw) in enumerate(phases):
-        if i < start_phase: continue
-        if freeze: learn.freeze()
-        else: learn.unfreeze()
-        if ckpt is not None and i == start_phase and start_epoch > 0: learn.opt.load_state_dict(ckpt['opt'])
-        if rec is not None: rec.phase, rec.phase_idx = name, i
-        learn.fit_one_cycle(n, start_epoch=start_epoch if i == start_phase else 0, cbs=L(rec) + L(cbs), **kw)
-    if rec is None: return pd.DataFrame()
-    plot_history(rec.history, fname=rec.run_dir/'curves.png')
+    if run_dir is None:
+        if resume: raise DataError("resume=True needs the run_dir of the run to resume")
+        try: _fit_phases(learn, phases, None, (0, 0), None, cbs)
+        except DataError as e: raise DataError(_plain_message(e)) from None
+        return pd.DataFrame()
+    run_dir, info = Path(run_dir), (learn.model_info.as_meta() if hasattr(learn, 'model_info') else {})
+    meta = {'epochs': epochs, 'lr': lr, 'freeze_epochs': freeze_epochs, 'frozen': frozen, 'lr_mult': lr_mult, **info,
+            'bs': learn.dls.train.bs*max(1, num_distrib()), 'processes': max(1, num_distrib()), 'train_items': len(learn.dls.train_ds), 'valid_items': len(learn.dls.valid_ds),
+            'data_fingerprint': data_fingerprint(learn.dls), **(meta or {})}
+    rec = RunRecorder(run_dir, monitor, meta=meta)
+    lock = RunLock(run_dir).acquire() if rec.writer else None
+    try:
+        ckpt, start = None, (0, 0)
+        if resume:
+            ckpt = _sync_records(run_dir) if rec.writer else load_checkpoint(run_dir/'last.pth')
+            if ckpt is None: raise DataError(f"cannot resume: {run_dir/'last.pth'} does not exist")
+            start = _resume_point(ckpt, run_dir, meta, phases, epochs)
+            if start is None:
+                warnings.warn(f"run in {run_dir} already finished its {epochs} epochs")
+                return pd.DataFrame(ckpt['history'])
+            try: _unwrap(learn.model).load_state_dict(ckpt['model'])
+            except RuntimeError as e: raise DataError(f"cannot resume {run_dir}: its last.pth does not fit this model "
+                                                      f"({str(e).splitlines()[0]})") from None
+            rec.restore(ckpt)
+        else: _start_fresh(run_dir, overwrite, rec.writer)
+        _fit_phases(learn, phases, rec, start, ckpt, cbs)
+        if rec.writer: plot_history(rec.history, fname=run_dir/'curves.png')
+    except KeyboardInterrupt:
+        if rec.writer: _sync_records(run_dir)
+        b = (f"; best {monitor} {rec.history[rec.best_epoch][monitor]:.4f} at epoch {rec.best_epoch + 1}"
+             if rec.best_epoch is not None else '')
+        raise RunInterrupted(f"interrupted: {run_dir} holds {len(rec.history)} of {epochs} epochs{b}; continue it with "
+                             "resume=True (CLI: the same command with --resume)") from None
+    except DataError as e: raise DataError(_plain_message(e)) from None
+    finally:
+        if lock is not None: lock.release()
     return pd.DataFrame(rec.history)
 
 # %% ../nbs/16_train.ipynb #9ef61562

@@ -8,7 +8,7 @@ import hashlib, os, platform, stat, sys, warnings
 from pathlib import Path
 import torch, torch.nn as nn
 from torch import Tensor
-from ..core import DataError
+from ..core import DataError, file_sha256
 
 # %% auto #0
 __all__ = ['CSRC', 'SOURCES', 'HEADERS', 'kernels_enabled', 'ext_name', 'build_dir', 'cpu_ext', 'is_channels_last', 'swap_class']
@@ -55,13 +55,13 @@ def build_dir(name:str=None) -> Path: # the build's name (default `ext_name()`)
                             f"owner uid {st.st_uid}): refusing to load code from it; remove it or set MOONFAST_BUILD_DIR to a private folder")
     return d
 
-def _sha256(p:Path) -> str: return hashlib.sha256(p.read_bytes()).hexdigest()
+
 
 # %% ../../nbs/02_build.ipynb #68d6afd4
 def _load(name:str, d:Path):
     from torch.utils import cpp_extension
     so = d/f'{name}.so'; rec = d/f'{name}.so.sha256'
-    if so.exists() and (not rec.exists() or rec.read_text().strip() != _sha256(so)):
+    if so.exists() and (not rec.exists() or rec.read_text().strip() != file_sha256(so)):
         warnings.warn(f"moonfast: the kernel library {so} does not match the hash recorded when it was built; rebuilding it")
         so.unlink()
     if not so.exists(): print("moonfast: compiling its CPU kernels for this machine (once, about 30 s)…", file=sys.stderr, flush=True)
@@ -69,7 +69,7 @@ def _load(name:str, d:Path):
         warnings.simplefilter('ignore')
         mod = cpp_extension.load(name, sources=[str(CSRC/f) for f in SOURCES], extra_cflags=_cflags(),
                                  extra_include_paths=[str(CSRC)], build_directory=str(d), verbose=False)
-    if not rec.exists() or rec.read_text().strip() != _sha256(so): rec.write_text(_sha256(so) + '\n')
+    if not rec.exists() or rec.read_text().strip() != file_sha256(so): rec.write_text(file_sha256(so) + '\n')
     return mod
 
 def cpu_ext():

@@ -4,16 +4,31 @@
 
 # %% ../../nbs/03_data_core.ipynb #f49b3cc0
 from __future__ import annotations
-import os
+import os, warnings
 from pathlib import Path
 import numpy as np, torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import get_worker_info
 from fastai.vision.all import *
 from ..core import DataError, size_hw
 
 # %% auto #0
-__all__ = ['IMG_EXTS', 'default_cache', 'image_files', 'open_image', 'ItemCache', 'get_cache', 'LoadImage', 'LoadMask',
-           'check_batch']
+__all__ = ['WIDE_MODES', 'IMG_EXTS', 'default_cache', 'to_8bit', 'image_files', 'open_image', 'scan_images', 'mem_available',
+           'ItemCache', 'get_cache', 'LoadImage', 'LoadMask', 'check_batch']
+
+# %% ../../nbs/03_data_core.ipynb #d844fa71
+WIDE_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F')   # PIL modes of more than 8 bits a channel (all one-channel)
+
+def to_8bit(im:Image.Image) -> Image.Image: # a PIL image; only modes in `WIDE_MODES` are changed
+    "8-bit grey ('L') from a 16-bit, 32-bit or float image, scaled from its own min..max to 0..255, never clipped"
+    if im.mode not in WIDE_MODES: return im
+    a = np.asarray(im).astype(np.float64)
+    ok = np.isfinite(a)
+    lo, hi = (a[ok].min(), a[ok].max()) if ok.any() else (0., 0.)
+    a[~ok] = lo                                                   # NaN/inf of a float image: the darkest value
+    if hi > lo: a = (a - lo) * (255 / (hi - lo))
+    else: a = np.full_like(a, np.clip(lo * (255 if im.mode == 'F' else 255/65535), 0, 255))
+    return Image.fromarray(np.rint(a).astype(np.uint8))
 
 # %% ../../nbs/03_data_core.ipynb #1ed3547d
 IMG_EXTS = ('.jpeg', '.jpg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -25,7 +40,7 @@ def image_files(folder) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTS and not p.name.startswith('.'))
 
 def open_image(fn, # the image file
-               mode:str|None='RGB'): # PIL mode to convert to (`None` keeps the file's own)
+               mode:str|None='RGB'): # PIL mode to convert to (`None` keeps the file's own, 16-bit becoming 8-bit 'L')
     "Decode `fn` fully with PIL (grayscale becomes RGB with `mode='RGB'`); `DataError` names a missing, corrupt or truncated file"
     try:
         im = Image.open(fn)
@@ -33,13 +48,112 @@ def open_image(fn, # the image file
     except FileNotFoundError: raise DataError(f"image file {fn} does not exist") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot decode image file {fn}: expected a readable image file, got: {e}") from None
+    im = to_8bit(im)
     return im.convert(mode) if mode is not None and im.mode != mode else im
+
+# %% ../../nbs/03_data_core.ipynb #236ad6b7
+_ENDS = {'PNG': b'IEND\xaeB`\x82', 'JPEG': b'\xff\xd9'}   # the bytes a complete file of the format ends with
+
+def _probe(fn):
+    "`((w, h), None)` from `fn`'s header (its end checked), or `(None, why)`: why it cannot be used"
+    try:
+        with open(fn, 'rb') as f:
+            with Image.open(f) as im: size, fmt = im.size, im.format
+            if min(size) < 1: return None, f"it has no pixels ({size[0]}×{size[1]})"
+            if fmt in _ENDS:
+                f.seek(0, 2); f.seek(max(0, f.tell() - 64))
+                if not f.read().rstrip(b'\0\r\n\t ').endswith(_ENDS[fmt]):
+                    with Image.open(fn) as im: im.load()           # its end looks cut: a full decode decides
+    except FileNotFoundError: return None, "it does not exist"
+    except IsADirectoryError: return None, "it is a folder, not a file"
+    except PermissionError: return None, "it cannot be read (permission denied)"
+    except UnidentifiedImageError: return None, "it is not an image file that PIL can read"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return None, f"it is truncated or corrupt ({e})"
+    return size, None
+
+def _listing(lines, max_listed):
+    more = len(lines) - max_listed
+    return ''.join(f"\n  {l}" for l in lines[:max_listed]) + (f"\n  ... and {more} more" if more > 0 else '')
+
+def _name(fn, root): return os.path.relpath(fn, root) if root is not None else str(fn)
+
+def scan_images(fns, # image files
+                root=None, # folder the files are named relative to in the message (default: full paths)
+                max_listed:int=20) -> dict: # name at most this many bad files in the message
+    "Each file's `(width, height)` from its header, its end checked; one `DataError` names every file that cannot be used"
+    sizes, bad = {}, {}
+    for fn in fns:
+        size, why = _probe(fn)
+        if why is None: sizes[fn] = size
+        else: bad[fn] = why
+    if bad:
+        where = f" in {root}" if root is not None else ''
+        e = DataError(f"{len(bad)} of {len(sizes)+len(bad)} image files{where} cannot be used (found by a scan before "
+                      f"training):" + _listing([f"{_name(f, root)}: {w}" for f, w in bad.items()], max_listed) +
+                      "\nexpected readable image files: replace or remove these")
+        e.bad = bad
+        raise e
+    return sizes
+
+# %% ../../nbs/03_data_core.ipynb #b71b29a1
+def _read_int(fn):
+    try: return int(Path(fn).read_text().split()[0])
+    except (OSError, ValueError, IndexError): return None   # missing, or 'max' (no limit)
+
+def _cgroup_room(root):
+    "Bytes left under the cgroup memory limit at `root` (cgroup v2 or v1), `None` when there is no limit"
+    for lim, use in (('memory.max', 'memory.current'), ('memory/memory.limit_in_bytes', 'memory/memory.usage_in_bytes')):
+        l, u = _read_int(Path(root)/lim), _read_int(Path(root)/use)
+        if l is not None and u is not None and l < 2**60: return max(0, l - u)   # v1 writes 'no limit' as ~2**63
+    return None
+
+def mem_available(meminfo='/proc/meminfo', # the kernel's memory report
+                  cgroup='/sys/fs/cgroup') -> int|None: # this process's cgroup folder (containers' limits)
+    "Bytes of memory this process can still use: `MemAvailable`, capped by a cgroup limit; `None` if unknown"
+    avail = None
+    try:
+        for l in Path(meminfo).read_text().splitlines():
+            if l.startswith('MemAvailable:'): avail = int(l.split()[1]) * 1024; break
+    except (OSError, ValueError, IndexError): pass
+    if avail is None:                                        # kernels before 3.14, or no /proc: free pages only
+        try: avail = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+        except (ValueError, OSError, AttributeError): pass
+    room = _cgroup_room(cgroup)
+    return room if avail is None else avail if room is None else min(avail, room)
 
 # %% ../../nbs/03_data_core.ipynb #4787c930
 class ItemCache:
     "Decoded items kept in memory, keyed by file and how it was decoded; stale when the file changes"
-    def __init__(self, max_bytes:int=8*2**30): # stop adding items past this many bytes
-        self.max_bytes,self.d,self.nbytes,self.hits,self.misses = max_bytes,{},0,0,0
+    def __init__(self, max_bytes:int|None=None, # a fixed limit; `None`: `mem_frac` of the memory available
+                 mem_frac:float=0.5): # with `max_bytes=None`, the fraction of `mem_available()` it may use
+        if max_bytes is None and not 0 < mem_frac <= 1: raise DataError(f"mem_frac={mem_frac}: expected a fraction in (0, 1]")
+        self.max_bytes,self.mem_frac = max_bytes,mem_frac
+        self.clear()
+
+    @property
+    def limit(self) -> int:
+        "Bytes it may hold: `max_bytes`, or `mem_frac` of (available + cached), re-read after each 64 MiB added"
+        if self.max_bytes is not None: return self.max_bytes
+        if self._limit is None or self.nbytes - self._read_at >= 64*2**20:
+            avail = mem_available()
+            self._limit = int(self.mem_frac * (avail + self.nbytes)) if avail is not None else 2**30
+            self._read_at = self.nbytes
+        return self._limit
+
+    def _warn(self, msg):
+        if not self.warned: self.warned = True; warnings.warn(msg, stacklevel=3)
+
+    def _why(self): return 'max_bytes' if self.max_bytes is not None else f"{self.mem_frac:.0%} of the memory available"
+
+    def reserve(self, nbytes:int, # bytes the dataset's items take, decoded at the size they are cached
+                what:str): # the dataset, named in the warning
+        "Warn once, before loading, when `nbytes` more do not fit under the limit"
+        room = max(0, self.limit - self.nbytes)
+        if nbytes > room:
+            self._warn(f"the item cache can keep only {room/2**20:.0f} of the {nbytes/2**20:.0f} MiB of {what} (limit "
+                       f"{self.limit/2**20:.0f} MiB: {self._why()}); the rest is decoded every epoch (free memory, use a "
+                       f"smaller size, or pass cache=False)")
 
     def get(self, fn, how, load):
         "The item that `load(fn)` returns, decoded once per `(fn, how)` while the file is unchanged"
@@ -53,15 +167,22 @@ class ItemCache:
             return hit[1]
         self.misses += 1
         v = load(fn)
+        if get_worker_info() is not None: return v              # a DataLoader worker: read-only (see above)
         n = v.nelement()*v.element_size()
         if hit is not None: self.nbytes -= hit[1].nelement()*hit[1].element_size(); del self.d[k]
-        if self.nbytes + n <= self.max_bytes: self.d[k] = (sig, v); self.nbytes += n
+        if not self.full and self.nbytes + n <= self.limit: self.d[k] = (sig, v); self.nbytes += n
+        elif not self.full:
+            self.full = True
+            self._warn(f"the item cache stopped adding items at {self.nbytes/2**20:.0f} MiB ({len(self.d)} items; limit "
+                       f"{self.limit/2**20:.0f} MiB: {self._why()}); items not cached are decoded each time they are used")
         return v
 
-    def clear(self): self.d,self.nbytes,self.hits,self.misses = {},0,0,0
+    def clear(self):
+        "Drop every item, the counts, and the stopped state"
+        self.d,self.nbytes,self.hits,self.misses,self.full,self.warned,self._limit,self._read_at = {},0,0,0,False,False,None,0
     def __len__(self): return len(self.d)
     def __repr__(self): return f"ItemCache({len(self)} items, {self.nbytes/2**20:.1f} MiB, {self.hits} hits, {self.misses} misses)"
-    def __getstate__(self): return {**self.__dict__, 'd': {}, 'nbytes': 0}
+    def __getstate__(self): return {**self.__dict__, 'd': {}, 'nbytes': 0, 'full': False, 'warned': False, '_limit': None, '_read_at': 0}
 
 default_cache = ItemCache()
 

@@ -22,6 +22,12 @@ def read_wnids(path) -> list[str]:
     if not fn.exists(): raise DataError(f"{fn} not found: expected a Tiny ImageNet folder with wnids.txt (one class id per line)")
     wnids = [l.strip() for l in fn.read_text().splitlines() if l.strip()]
     if not wnids: raise DataError(f"{fn} is empty: expected one class id per line")
+    seen, dup = set(), []
+    for w in wnids:
+        if w in seen and w not in dup: dup.append(w)
+        seen.add(w)
+    if dup: raise DataError(f"{fn} lists class id {', '.join(dup[:5])} more than once{' (and ' + str(len(dup)-5) + ' more)' if len(dup) > 5 else ''}: "
+                            f"expected each class once (a repeated id would be one class counted twice)")
     return wnids
 
 def read_words(path, # the dataset folder, holding words.txt
@@ -57,8 +63,11 @@ def _check_wnids(path, wnids):
 def imagenet_items(path, # Tiny ImageNet folder (wnids.txt, words.txt, train/, val/)
                    wnids=None, # class ids to use (default: all of wnids.txt)
                    max_per_class:int|None=None, # keep at most this many training images per class
-                   seed:int|None=None): # sample `max_per_class` at random with this seed (default: the first ones)
+                   seed:int|None=None, # sample `max_per_class` at random with this seed (default: the first ones)
+                   check:bool=True): # scan every file (header and end) and name all the bad ones before returning
     "Train and validation `(file, wnid)` items of a Tiny ImageNet folder, validation from `val_annotations.txt`"
+    if max_per_class is not None and (isinstance(max_per_class, bool) or not isinstance(max_per_class, int) or max_per_class < 1):
+        raise DataError(f"max_per_class={max_per_class!r}: expected at least 1 training image per class (or None for all)")
     path = _check_dir(path)
     wnids = _check_wnids(path, wnids)
     train = []
@@ -80,6 +89,11 @@ def imagenet_items(path, # Tiny ImageNet folder (wnids.txt, words.txt, train/, v
     missing = [f.name for f,_ in valid if f.name not in present]
     if missing: raise DataError(f"{len(missing)} validation images listed in {ann} are missing from {vdir} (e.g. {', '.join(missing[:3])})")
     if not valid: raise DataError(f"{ann} has no images of classes {', '.join(wnids[:5])}: expected validation labels for them")
+    have = {w for _,w in valid}
+    none = [w for w in wnids if w not in have]
+    if none: raise DataError(f"{ann} lists no validation image of class {', '.join(none[:5])}"
+                             f"{' (and ' + str(len(none)-5) + ' more)' if len(none) > 5 else ''}: expected some for every class in use")
+    if check: scan_images([f for f,_ in train + valid], root=path)
     return train, valid
 
 # %% ../../nbs/05_imagenet.ipynb #522b1ce2
@@ -108,14 +122,17 @@ def imagenet_dls(path, # Tiny ImageNet folder (wnids.txt, words.txt, train/, val
                  seed:int|None=None, # seed of the training shuffle and of the `max_per_class` sample
                  max_per_class:int|None=None, # keep at most this many training images per class
                  item_size=64, # size items are decoded to and cached at (Tiny ImageNet's own 64)
+                 check:bool=True, # scan every file before building (see `imagenet_items`)
                  **kwargs) -> DataLoaders: # passed to `DataBlock.dataloaders`
     "Classification `DataLoaders` over a Tiny ImageNet folder, labelled by wnid, validated on the official split"
     hw = size_hw(size)
-    train, valid = imagenet_items(path, wnids, max_per_class, seed)
+    train, valid = imagenet_items(path, wnids, max_per_class, seed, check=check)
     check_batch(len(train), bs, Path(path)/'train')
+    cache, (ih, iw) = get_cache(cache), size_hw(item_size, 'item_size') if item_size is not None else (64, 64)
+    if cache is not None: cache.reserve(len(train + valid)*3*ih*iw, f"{len(train + valid)} images of {path} at {ih}×{iw}")
     wnids = sorted({w for _,w in train})
     names = {w: short_name(n) for w,n in read_words(path, wnids).items()}
-    dblock = DataBlock(blocks=(TransformBlock(type_tfms=LoadImage(item_size, get_cache(cache)), batch_tfms=IntToFloatTensor),
+    dblock = DataBlock(blocks=(TransformBlock(type_tfms=LoadImage(item_size, cache), batch_tfms=IntToFloatTensor),
                                TransformBlock(type_tfms=WnidCategorize(wnids, names))),
                        getters=[ItemGetter(0), ItemGetter(1)],
                        splitter=IndexSplitter(range(len(train), len(train)+len(valid))),

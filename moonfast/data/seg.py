@@ -4,17 +4,17 @@
 
 # %% ../../nbs/06_seg_data.ipynb #08d5bb04
 from __future__ import annotations
-import random
+import random, warnings
 from pathlib import Path
 import numpy as np, torch
 from fastai.vision.all import *
 from ..core import DataError, size_hw
 from .core import *
-from .core import _check_dir
+from .core import _check_dir, _listing, _name
 from .augment import seg_batch_tfms
 
 # %% auto #0
-__all__ = ['SEG_LAYOUTS', 'binary_mask', 'kaggle_mask', 'detect_layout', 'norm_id', 'seg_pairs', 'seg_dls']
+__all__ = ['SEG_LAYOUTS', 'binary_mask', 'kaggle_mask', 'detect_layout', 'norm_id', 'seg_pairs', 'check_masks', 'seg_dls']
 
 # %% ../../nbs/06_seg_data.ipynb #6c5bc794
 def binary_mask(arr, # mask pixels: h×w, or h×w×c with equal colour channels
@@ -26,7 +26,7 @@ def binary_mask(arr, # mask pixels: h×w, or h×w×c with equal colour channels
         if a.shape[-1] in (2, 4): a = a[..., :-1]          # drop alpha
         if a.shape[-1] > 1 and not all(np.array_equal(a[..., 0], a[..., i]) for i in range(1, a.shape[-1])):
             raise DataError(f"{fn} is a colour mask: expected a binary mask (0/255) with equal channels; "
-                            f"for the Kaggle colour layout use layout='kaggle'")
+                            f"for the Kaggle colour layout use layout='kaggle' (an argument of seg_dls and seg_pairs)")
         a = a[..., 0]
     if a.ndim != 2: raise DataError(f"{fn} has shape {a.shape}: expected an h×w mask")
     vals = np.flatnonzero(np.bincount(a.ravel(), minlength=256)) if a.dtype == np.uint8 else np.unique(a)
@@ -70,7 +70,11 @@ def detect_layout(path, # dataset folder
     if rd is not None:
         masks = image_files(rd[1])
         if not masks: raise DataError(f"mask folder {rd[1]} is empty: expected {rd[1].name}<id>.png files")
-        return 'kaggle' if _is_colour(masks[0]) else 'binary'
+        try: colour = _is_colour(masks[0])
+        except DataError:                       # the first mask is unreadable: name it with every other bad file
+            seg_pairs(path, 'binary', mask_dir)
+            raise
+        return 'kaggle' if colour else 'binary'
     if (path/'images').is_dir() and (path/'masks').is_dir(): return 'folders'
     raise DataError(f"no segmentation layout found in {path}: looked for images/render with images/ground or images/clean "
                     f"(binary or Kaggle layout), or images/ with masks/ (folders layout)")
@@ -99,7 +103,8 @@ def _by_id(fns, prefix, folder):
 
 def seg_pairs(path, # dataset folder
               layout:str|None=None, # 'binary', 'kaggle', 'folders', or None to detect it
-              mask_dir:str|None=None): # Kaggle/binary mask folder: 'ground' or 'clean' (default: whichever exists)
+              mask_dir:str|None=None, # Kaggle/binary mask folder: 'ground' or 'clean' (default: whichever exists)
+              check:bool=True): # scan every file: `DataError` naming all unreadable ones, and masks sized unlike their image
     "`(image, mask)` file pairs of a segmentation folder, matched and sorted by id"
     path = _check_dir(path)
     layout = layout or detect_layout(path, mask_dir)
@@ -123,7 +128,35 @@ def seg_pairs(path, # dataset folder
         if no_mask: msg.append(f"{len(no_mask)} image(s) in {idir} have no mask in {mdir} (e.g. {', '.join(ims[i].name for i in no_mask[:3])})")
         if no_img:  msg.append(f"{len(no_img)} mask(s) in {mdir} have no image in {idir} (e.g. {', '.join(mks[i].name for i in no_img[:3])})")
         raise DataError('unpaired files: ' + '; '.join(msg) + '; expected one mask per image, matched by id')
-    return [(ims[k], mks[k]) for k in sorted(ims, key=_sort_key)]
+    pairs = [(ims[k], mks[k]) for k in sorted(ims, key=_sort_key)]
+    if check: _check_sizes(pairs, path)
+    return pairs
+
+def _check_sizes(pairs, path, max_listed=20):
+    "Scan every file of `pairs`; `DataError` naming each mask whose size is not its image's"
+    sz = scan_images([f for p in pairs for f in p], root=path, max_listed=max_listed)
+    odd = [f"{_name(a, path)} is {sz[a][0]}×{sz[a][1]} but its mask {_name(b, path)} is {sz[b][0]}×{sz[b][1]}"
+           for a, b in pairs if sz[a] != sz[b]]
+    if odd: raise DataError(f"{len(odd)} of {len(pairs)} masks in {path} are not the size of their image:" + _listing(odd, max_listed) +
+                            "\nexpected each mask the size of its image (resized, it would not line up with it)")
+
+# %% ../../nbs/06_seg_data.ipynb #1f60b0d0
+def check_masks(masks, # mask files
+                load, # `load(fn)` -> 0/1 mask tensor, e.g. the loaders' `LoadMask` (through its cache)
+                convert, # `convert(array, fn)`: the converter of `load`, to confirm an empty mask at full size
+                max_listed:int=20, # name at most this many bad masks in the error
+                n_named:int=5): # name this many empty masks in the warning
+    "Load every mask: one `DataError` names all that `convert` refuses; one warning counts those with no rock"
+    bad, empty = [], []
+    for fn in masks:
+        try: m = load(fn)
+        except DataError as e: bad.append(str(e)); continue
+        if not m.any() and not convert(np.asarray(open_image(fn, None)), fn).any(): empty.append(fn)   # not just lost in resizing
+    if bad: raise DataError(f"{len(bad)} of {len(masks)} masks cannot be used:" + _listing(bad, max_listed))
+    if empty:
+        names = ', '.join(Path(f).name for f in empty[:n_named]) + (f" and {len(empty)-n_named} more" if len(empty) > n_named else '')
+        warnings.warn(f"{len(empty)} of {len(masks)} masks in {Path(empty[0]).parent} have no rock pixel (all background): "
+                      f"{names}; check that they are right (an empty mask teaches that its render holds no rock)", stacklevel=2)
 
 # %% ../../nbs/06_seg_data.ipynb #736b51b4
 def _valid_idx(pairs, valid_ids, valid_pct, seed, path):
@@ -156,19 +189,23 @@ def seg_dls(path, # segmentation dataset folder (layouts: see `detect_layout`)
             num_workers:int=0, # DataLoader workers (0 keeps the cache in this process)
             threshold:int=127, # Kaggle layout: rock where green or blue is above this
             mask_dir:str|None=None, # Kaggle/binary mask folder: 'ground' or 'clean' (default: whichever exists)
+            check:bool=True, # scan every file and load every mask before building (see `seg_pairs`, `check_masks`)
             **kwargs) -> DataLoaders: # passed to `DataBlock.dataloaders`
     "Segmentation `DataLoaders` of (image, 0/1 rock mask) pairs, resized to `size`, with geometric augmentation on both"
     path, hw = Path(path), size_hw(size)
     layout = layout or detect_layout(path, mask_dir)
-    pairs = seg_pairs(path, layout, mask_dir)
+    pairs = seg_pairs(path, layout, mask_dir, check=check)
     vidx = _valid_idx(pairs, valid_ids, valid_pct, seed, path)
     if len(vidx) == 0: raise DataError(f"no validation items among {len(pairs)} pairs in {path}: raise valid_pct or add data")
     check_batch(len(pairs) - len(vidx), bs, path)
     conv = partial(kaggle_mask, threshold=threshold) if layout == 'kaggle' else binary_mask
     how = f"kaggle{threshold}" if layout == 'kaggle' else 'binary'
     cache, codes = get_cache(cache), ['background', 'rock']
+    if cache is not None: cache.reserve(len(pairs)*4*hw[0]*hw[1], f"{len(pairs)} pairs of {path} at {hw[0]}×{hw[1]}")
+    load_mask = LoadMask(conv, hw, cache, how)
+    if check: check_masks([m for _,m in pairs], load_mask, conv)
     dblock = DataBlock(blocks=(TransformBlock(type_tfms=LoadImage(hw, cache), batch_tfms=IntToFloatTensor),
-                               TransformBlock(type_tfms=LoadMask(conv, hw, cache, how), item_tfms=AddMaskCodes(codes),
+                               TransformBlock(type_tfms=load_mask, item_tfms=AddMaskCodes(codes),
                                               batch_tfms=IntToFloatTensor)),
                        getters=[ItemGetter(0), ItemGetter(1)], splitter=IndexSplitter(vidx),
                        batch_tfms=seg_batch_tfms(aug))
