@@ -119,7 +119,8 @@ def train_unet(data:str=None, # segmentation dataset folder (default: the genera
                epochs:int=10, # total epochs
                lr:float=3e-3, # peak learning rate (one-cycle)
                bs:int=16, # batch size per process (under torchrun the global batch is bs × processes)
-               size:int=128, # image size
+               size:int=128, # image size: whole renders squashed to it, or (with --scale) the training windows
+               scale:float=None, # train on --size windows of the renders resized by this factor (1: full resolution); predict then tiles at it
                seed:int=0, # random seed
                out:str=None, # run folder (default models/runs/<arch>)
                resume:store_true=False, # continue an interrupted run in `out` (its settings must match)
@@ -140,7 +141,7 @@ def train_unet(data:str=None, # segmentation dataset folder (default: the genera
     from fastai.torch_core import rank_distrib
     path = _path(data) or rank0_first(make_lunar_dataset)   # under torchrun: generated once, by the first process
     rd = _path(out) or models_path('runs', arch)
-    learn, s = run_seg(seg_dls(path, layout=layout, size=size, bs=bs), arch=arch, pretrained=pre, variant=variant, epochs=epochs, lr=lr,
+    learn, s = run_seg(seg_dls(path, layout=layout, size=size, bs=bs, scale=scale), arch=arch, pretrained=pre, variant=variant, epochs=epochs, lr=lr,
                        seed=seed, run_dir=rd, freeze_epochs=freeze_epochs or None, precision=precision, resume=resume,
                        overwrite=overwrite,
                        meta={'data': str(path), 'layout': layout})
@@ -175,7 +176,8 @@ def compare(data:str=None, # segmentation dataset folder (default: the generated
             n:int=1000, # pairs to generate when no data is given
             lr:float=3e-3, # peak learning rate
             bs:int=16, # batch size
-            size:int=128, # image size
+            size:int=128, # image size: whole renders squashed to it, or (with --scale) the training windows
+            scale:float=None, # train on --size windows of the renders resized by this factor (1: full resolution)
             pretrained:str='shipped', # classifier weights for the pretrained variants: 'shipped' or a path
             precision:str='auto', # auto, fp32, bf16 or fp16
             shard:str='', # train only part i of n of the runs into a shared --out, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; needs --epochs or --full (no budget)
@@ -199,7 +201,7 @@ def compare(data:str=None, # segmentation dataset folder (default: the generated
                                 "20-minute budget would be planned on each machine for itself")
         bud = None if full or (sh and sh[1] > 1) else ('20m' if budget is None else budget)
         t = cmp(_path(data), _path(out), epochs=epochs, seeds=sds, budget=bud, images=images,
-                configs=[c for c in configs.split(',') if c] or None, n=n, lr=lr, bs=bs, size=size,
+                configs=[c for c in configs.split(',') if c] or None, n=n, lr=lr, bs=bs, size=size, scale=scale,
                 pretrained=True if pretrained == 'shipped' else Path(pretrained), precision=precision, started=started, shard=sh)
     o = Path(t.attrs['out'])
     if t.attrs.get('missing') and not aggregate:
@@ -215,7 +217,8 @@ def predict(model:str, # a run folder (from train-unet/compare), a .pth state di
             out:str='masks', # folder for the masks
             arch:str=None, # architecture of a bare .pth state dict
             size:int=128, # training size of a bare .pth state dict
-            mode:str='resize', # resize or tile
+            scale:float=None, # training scale of a bare .pth state dict trained on windows (a run folder records its own)
+            mode:str=None, # resize or tile (default: what the model was trained for: tile for windows, else resize)
             thresh:float=0.5, # probability threshold
             tta:store_true=False, # test-time augmentation: average over the flips training used (about 4× the time)
             bs:int=None, # images (resize; default 16) or tiles (tile; default 64) per forward pass
@@ -224,7 +227,11 @@ def predict(model:str, # a run folder (from train-unet/compare), a .pth state di
     "Predict rock masks (PNG, 0/255, at each image's own size) for images"
     from moonfast.inference import load_predictor, predict_folder
     if size < 1 or (bs is not None and bs < 1): raise DataError(f"--size and --bs must be at least 1, got --size {size} --bs {bs}")
-    pr = load_predictor(model, arch, size, trust_pickle=trust_pickle)
+    if Path(model).suffix == '.onnx':   # onnxruntime only, as on a machine without PyTorch (moonfast.deploy)
+        from moonfast.deploy import main as deploy_main
+        return deploy_main([model, images, '--out', out, '--thresh', str(thresh)] + (['--mode', mode] if mode else []) +
+                           (['--tta'] if tta else []) + (['--overlay'] if overlay else []) + (['--bs', str(bs)] if bs else [])) or None
+    pr = load_predictor(model, arch, size, trust_pickle=trust_pickle, scale=scale)
     written, failed, secs = predict_folder(pr, images, out, mode=mode, thresh=thresh, tta=tta, overlay=overlay, bs=bs)
     print(f"wrote {len(written)} mask(s) to {out} in {secs:.1f} s ({len(written)/max(secs, 1e-9):.2f} images/s)")
     if failed:   # named one by one as they were skipped; the exit status says so too
@@ -234,15 +241,21 @@ def predict(model:str, # a run folder (from train-unet/compare), a .pth state di
 
 # %% ../nbs/99_cli.ipynb #e5a0c7d1
 @call_parse
-def export(run:str, # a run folder (from train-unet/compare), or a .pth state dict or last.pth (with --arch and --size)
+def export(run:str, # a run folder (from train-unet/compare/train-classifier), a .pth state dict or last.pth (with --arch and --size), or a classifier .pth
            onnx:str=None, # write an ONNX graph here: [0, 1] RGB images in (any batch, sides a multiple of the stride), probabilities out
            arch:str=None, # architecture of a bare .pth state dict
            size:int=128, # training size of a bare .pth state dict
            opset:int=17): # ONNX opset
-    "Export a trained U-Net for deployment: an ONNX graph that onnxruntime runs alone (moonfast predict model.onnx images/)"
+    "Export a trained U-Net or the classifier for deployment: an ONNX graph that onnxruntime runs alone (moonfast predict model.onnx images/)"
     if not onnx: raise DataError("say what to write: --onnx out.onnx")
     from moonfast.onnx import export_onnx, OnnxPredictor
+    from moonfast.deploy import OnnxClassifier
     f = export_onnx(run, onnx, arch=arch, size=size, opset=opset)
+    try: c = OnnxClassifier(f)
+    except DataError: c = None
+    if c is not None:
+        print(f"wrote {f}: a classifier of {len(c.classes)} classes at {c.hw[0]}×{c.hw[1]}; classify with: python -m moonfast.deploy {f} <images>")
+        return
     pr = OnnxPredictor(f)
     print(f"wrote {f}: training size {pr.hw[0]}×{pr.hw[1]}, input sides a multiple of {pr.stride} "
           f"(moonfast's predictor pads other sizes); predict with: moonfast predict {f} <images>")

@@ -194,9 +194,10 @@ def results_table(runs:pd.DataFrame) -> pd.DataFrame:
 
 # %% ../nbs/18_experiments.ipynb #0d06b11b
 def compare_dir(epochs:int, # epochs of every run
-                images:int=None) -> Path: # training images per epoch, when not all
-    "Default output folder of a comparison: `models/compare-<epochs>ep`, or `models/compare-<epochs>ep-<images>img`"
-    return models_path(f'compare-{epochs}ep' + (f'-{images}img' if images else ''))
+                images:int=None, # training images per epoch, when not all
+                scale:float=None) -> Path: # the windows' scale, when the runs train on windows (see `seg_dls`)
+    "Default output folder of a comparison: `models/compare-<epochs>ep`, with `-<images>img` and `-scale<scale>` where they apply"
+    return models_path(f'compare-{epochs}ep' + (f'-{images}img' if images else '') + (f'-scale{scale:g}' if scale else ''))
 
 def _config(name):
     for c in COMPARISON:
@@ -220,7 +221,7 @@ def _finished(run_dir, epochs, images):
     return s if ok and (Path(run_dir)/'best.pth').exists() else None
 
 # %% ../nbs/18_experiments.ipynb #5904f52a
-_SETTINGS = ('epochs', 'images_per_epoch', 'lr', 'bs', 'size', 'data', 'precision')  # in every run's summary: all the same
+_SETTINGS = ('epochs', 'images_per_epoch', 'lr', 'bs', 'size', 'scale', 'data', 'precision')  # in every run's summary: all the same
 _setting = lambda d, k: (d.get('data_fingerprint') or d.get('data')) if k == 'data' else d.get(k)  # data: by content
 
 def _run_name(cfg, seed): return f"{cfg['name']}-s{seed}"
@@ -297,7 +298,8 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
             n:int=1000, # pairs to generate when `data` is None
             lr:float=3e-3, # peak learning rate
             bs:int=16, # batch size
-            size=128, # image size
+            size=128, # image size (the whole render squashed, or the window with `scale`)
+            scale:float=None, # train on `size` windows of renders resized by this factor (see `seg_dls`); None: squash
             freeze_epochs:int=None, # variant B's frozen epochs (default: a quarter of `epochs`)
             pretrained=True, # the classifier weights for the pretrained variants: True (shipped) or a path
             precision:str='auto', # see `precision_cbs`
@@ -320,7 +322,7 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
         raise DataError(f"epochs={epochs}: variant B needs at least 2 (a frozen and an unfrozen epoch)")
     if any(c['pretrained'] for c in cfgs): resnet_body(pretrained=pretrained)  # fail early, naming missing weights
     if data is None: data = make_lunar_dataset(n=n)
-    dls = seg_dls(data, size=size, bs=bs, seed=split_seed, valid_pct=valid_pct)
+    dls = seg_dls(data, size=size, bs=bs, seed=split_seed, valid_pct=valid_pct, scale=scale)
     nt, nv = len(dls.train_ds), len(dls.valid_ds)
     if budget is None: costs = {c['name']: {'variant': c['variant'], 'train': 0., 'valid': 0.} for c in cfgs}
     else:
@@ -338,9 +340,9 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
     if budget is None: plan.update(predicted_s=None, full_s=None)
     E, S = plan['epochs'], plan['seeds']
     im = None if plan['all_images'] else plan['images_per_epoch']
-    out = Path(out) if out is not None else compare_dir(E, im)
+    out = Path(out) if out is not None else compare_dir(E, im, scale)
     out.mkdir(parents=True, exist_ok=True)
-    _claim(out, dict(configs=cfgs, seeds=S, epochs=E, images_per_epoch=im, lr=lr, bs=bs, size=size, data=str(data),
+    _claim(out, dict(configs=cfgs, seeds=S, epochs=E, images_per_epoch=im, lr=lr, bs=bs, size=size, scale=scale, data=str(data),
                      data_fingerprint=data_fingerprint(dls), precision=plan['precision'], freeze_epochs=freeze_epochs,
                      split_seed=split_seed, valid_pct=valid_pct, shards=n_sh,
                      pretrained=str(pretrained) if any(c['pretrained'] for c in cfgs) else None))

@@ -12,12 +12,13 @@ from torch import Tensor
 from fastai.vision.all import Learner, Normalize, imagenet_stats, load_learner, L
 from fastprogress.fastprogress import progress_bar
 from .core import DataError, size_hw, atomic_write
-from .data.core import open_image, image_files
+from .data.core import open_image, image_files, scaled_hw
+from .deploy import tile_starts, blend_weight as _blend_np, mask_names, write_masks, as_pil, image_array
 from .train import sync_run
 from .cpu.build import is_channels_last
 
 # %% auto #0
-__all__ = ['tta_ops', 'Predictor', 'predict_masks', 'load_predictor', 'mask_names', 'predict_folder']
+__all__ = ['tta_ops', 'Predictor', 'predict_masks', 'load_predictor', 'predict_folder']
 
 # %% ../nbs/17_inference.ipynb #a2e87d62
 def _norm_stats(learn):
@@ -70,13 +71,15 @@ def _undo_op(x:Tensor, op) -> Tensor:
 
 # %% ../nbs/17_inference.ipynb #8a6e6f62
 class Predictor:
-    "What inference needs: a model, its training size, its input normalisation and whether it runs in CPU bf16"
+    "What inference needs: a model, its training size (and scale), its input normalisation and whether it runs in CPU bf16"
     def __init__(self, model:nn.Module, # a 1-channel-logit segmentation model
                  size=128, # training size: int or (h, w)
                  stats=imagenet_stats, # (mean, std) of the input normalisation, or None
-                 bf16:bool=None): # run under CPU bf16 autocast (default: when the CPU supports it)
+                 bf16:bool=None, # run under CPU bf16 autocast (default: when the CPU supports it)
+                 scale:float=None): # trained on windows of renders resized by this factor (None: on squashed renders)
         from moonfast.learners import resolve_precision   # not at module level: moonfast.learners imports this module
-        self.model, self.hw = model, size_hw(size)
+        from moonfast.data.core import _check_scale
+        self.model, self.hw, self.scale = model, size_hw(size), _check_scale(scale, None)
         self.stats = None if stats is None else tuple(torch.as_tensor(s).float().view(1, -1, 1, 1) for s in stats)
         self.bf16 = resolve_precision() == 'bf16' if bf16 is None else bf16
 
@@ -84,8 +87,9 @@ class Predictor:
     def from_learner(cls, learn:Learner): # a segmentation learner
         "The `Predictor` of a segmentation learner"
         from moonfast.learners import CPUAutocast
+        scale = getattr(getattr(learn, 'model_info', None), 'scale', None) or getattr(learn.dls, 'scale', None)
         return cls(learn.model, _learner_size(learn), _norm_stats(learn),
-                   bf16=any(isinstance(cb, CPUAutocast) for cb in learn.cbs))
+                   bf16=any(isinstance(cb, CPUAutocast) for cb in learn.cbs), scale=scale)
 
     @torch.no_grad()
     def forward(self, x:Tensor) -> Tensor: # [0, 1] images, n×3×h×w
@@ -107,50 +111,47 @@ class Predictor:
         return sum(_undo_op(self.forward(_apply_op(x, op)), op) for op in ops)/len(ops)
 
 # %% ../nbs/17_inference.ipynb #41054776
-def _as_pil(item) -> Image.Image:
-    "`item` (an image file, a PIL image or an h×w×3 uint8 array) as an RGB PIL image"
-    if isinstance(item, Image.Image): return item.convert('RGB')
-    if isinstance(item, np.ndarray):
-        if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
-            raise DataError(f"image arrays must be h×w×3 uint8, got shape {item.shape} and dtype {item.dtype}")
-        return Image.fromarray(item)
-    return open_image(item, 'RGB')
+_as_pil = as_pil   # `moonfast.deploy.as_pil`: files, PIL images, uint8 arrays
 
 def _img_tensor(im:Image.Image, hw=None) -> Tensor:
     "RGB PIL image (resized to `hw` = (h, w) like the data pipeline) as a 1×3×h×w float tensor in [0, 1]"
-    if hw is not None and im.size != (hw[1], hw[0]): im = im.resize((hw[1], hw[0]), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None].float()/255.
+    return torch.from_numpy(image_array(im, hw))
 
-def _tile_starts(n, t):
-    "Start offsets of tiles of size `t` covering `n` with at least a quarter overlap"
-    if n <= t: return [0]
-    k = math.ceil((n - t)/(t*3/4)) + 1
-    return sorted({round(i*(n - t)/(k - 1)) for i in range(k)})
+@functools.lru_cache(16)
+def _blend(h, w) -> Tensor: return torch.from_numpy(_blend_np(h, w))   # `moonfast.deploy.blend_weight`, as a tensor
 
 # %% ../nbs/17_inference.ipynb #3f1a9c08
 def _tiled_probs(pr, x:Tensor, bs:int=64, tta:bool=False, progress:bool=False) -> Tensor:
-    "Probabilities (h×w) of a 1×3×h×w image from overlapping tiles of the training size, `bs` tiles per forward pass"
+    "Probabilities (h×w) of a 1×3×h×w image from half-overlapping tiles of the training size, `bs` per forward pass, blended"
     (th, tw), (H, W) = pr.hw, x.shape[-2:]
     ph, pw = max(0, th - H), max(0, tw - W)
     if ph or pw: x = F.pad(x, (0, pw, 0, ph), mode='replicate')
-    boxes = [(y0, x0) for y0 in _tile_starts(x.shape[-2], th) for x0 in _tile_starts(x.shape[-1], tw)]
-    acc, cnt = torch.zeros(x.shape[-2:]), torch.zeros(x.shape[-2:])
+    boxes = [(y0, x0) for y0 in tile_starts(x.shape[-2], th) for x0 in tile_starts(x.shape[-1], tw)]
+    acc, cnt, wt = torch.zeros(x.shape[-2:]), torch.zeros(x.shape[-2:]), _blend(th, tw)
     starts = range(0, len(boxes), bs)
     for i in (progress_bar(starts, leave=False) if progress and len(starts) > 1 else starts):
         b = boxes[i:i+bs]
         p = pr.probs(torch.cat([x[..., y0:y0+th, x0:x0+tw] for y0, x0 in b]), tta=tta)
         for (y0, x0), q in zip(b, p):
-            acc[y0:y0+th, x0:x0+tw] += q; cnt[y0:y0+th, x0:x0+tw] += 1
+            acc[y0:y0+th, x0:x0+tw] += q*wt; cnt[y0:y0+th, x0:x0+tw] += wt
     return (acc/cnt)[:H, :W]
+
+def _scaled_tiled_probs(pr, im:Image.Image, **kwargs) -> Tensor:
+    "Tiled probabilities (h×w) of `im` at the predictor's training scale (resized as `LoadImage` does), resized back"
+    s = getattr(pr, 'scale', None) or 1.0
+    hw = scaled_hw(im.size[::-1], s)
+    if hw == im.size[::-1]: return _tiled_probs(pr, _img_tensor(im), **kwargs)
+    p = _tiled_probs(pr, _img_tensor(im, hw), **kwargs)
+    return F.interpolate(p[None, None], size=im.size[::-1], mode='bilinear', align_corners=False)[0, 0]
 
 # %% ../nbs/17_inference.ipynb #d0a207a4
 def _check_mode(mode, thresh):
-    if mode not in ('resize', 'tile'): raise DataError(f"mode must be 'resize' or 'tile', got {mode!r}")
+    if mode not in (None, 'resize', 'tile'): raise DataError(f"mode must be 'resize' or 'tile' (or None: the model's own), got {mode!r}")
     if not 0 < thresh < 1: raise DataError(f"thresh must be in (0, 1), got {thresh!r}")
 
 def predict_masks(learn, # a segmentation `Learner` (from `seg_learner` or `load_learner`) or a `Predictor`
                   items, # image files, PIL images or h×w×3 uint8 arrays (or one of them)
-                  mode:str='resize', # 'resize' or 'tile' (see above)
+                  mode:str=None, # 'resize' or 'tile' (see above); None: 'tile' for a model trained on windows, else 'resize'
                   thresh:float=0.5, # probability above which a pixel is rock
                   probs:bool=False, # return probabilities instead of 0/1 masks
                   tta:bool=False, # test-time augmentation: average over the flips training used
@@ -159,8 +160,9 @@ def predict_masks(learn, # a segmentation `Learner` (from `seg_learner` or `load
                  ) -> list:
     "Rock masks (h×w uint8 0/1, or float probabilities) of `items` at their own full size"
     _check_mode(mode, thresh)
-    bs = bs or (16 if mode == 'resize' else 64)
     pr = learn if isinstance(learn, Predictor) else Predictor.from_learner(learn)
+    mode = mode or ('tile' if getattr(pr, 'scale', None) else 'resize')
+    bs = bs or (16 if mode == 'resize' else 64)
     single = not isinstance(items, (list, tuple, L))
     items, res = [items] if single else list(items), []
     for i in range(0, len(items), bs if mode == 'resize' else 1):
@@ -169,7 +171,7 @@ def predict_masks(learn, # a segmentation `Learner` (from `seg_learner` or `load
             ps = pr.probs(torch.cat([_img_tensor(im, pr.hw) for im in ims]), tta=tta)
             ps = [F.interpolate(p[None, None], size=im.size[::-1], mode='bilinear', align_corners=False)[0, 0]
                   for p, im in zip(ps, ims)]
-        else: ps = [_tiled_probs(pr, _img_tensor(ims[0]), bs=bs, tta=tta, progress=progress)]
+        else: ps = [_scaled_tiled_probs(pr, ims[0], bs=bs, tta=tta, progress=progress)]
         res += [p.numpy() if probs else (p > thresh).numpy().astype(np.uint8) for p in ps]
     return res[0] if single else res
 
@@ -190,7 +192,8 @@ def _read_weights(f:Path) -> dict:
 def load_predictor(run, # a run folder (summary.json + best.pth), a .pth state dict or checkpoint, an exported .pkl, or a .onnx file
                    arch:str=None, # the architecture, when `run` is a bare state dict (.pth)
                    size=128, # training size, when `run` is a bare state dict
-                   trust_pickle:bool=False): # allow an exported learner (.pkl): loading a pickle can run any code in it
+                   trust_pickle:bool=False, # allow an exported learner (.pkl): loading a pickle can run any code in it
+                   scale:float=None): # the training scale, when `run` is a bare state dict of a model trained on windows
     "A `Predictor` from a recorded run, a state dict or `last.pth` (`weights_only=True`), an exported learner (trusted only) or ONNX"
     from moonfast.learners import seg_model, SEG_ARCHS   # not at module level: moonfast.learners imports this module
     run = Path(run)
@@ -201,7 +204,7 @@ def load_predictor(run, # a run folder (summary.json + best.pth), a .pth state d
         if not f.exists() or not (run/'best.pth').exists():
             raise DataError(f"{run} is not a finished run folder: expected summary.json and best.pth in it")
         s = json.loads(f.read_text())
-        arch, size, run = s.get('arch', arch), s.get('size', size), run/'best.pth'
+        arch, size, scale, run = s.get('arch', arch), s.get('size', size), s.get('scale', scale), run/'best.pth'
     if run.suffix == '.onnx':
         from moonfast.onnx import OnnxPredictor
         return OnnxPredictor(run)
@@ -218,64 +221,22 @@ def load_predictor(run, # a run folder (summary.json + best.pth), a .pth state d
     model = seg_model(arch, img_size=size_hw(size))
     try: model.load_state_dict(sd)
     except Exception as e: raise DataError(f"{run} does not hold {arch!r} weights: {str(e)[:500]}") from None
-    return Predictor(model, size)
-
-# %% ../nbs/17_inference.ipynb #3f1a9c17
-def mask_names(files) -> list:
-    "Output names (stems) for `files`: the stem, or stem_ext where inputs share a stem; `DataError` if two still clash"
-    files = [Path(f) for f in files]
-    n = {}
-    for f in files: n[f.stem.casefold()] = n.get(f.stem.casefold(), 0) + 1
-    names = [f"{f.stem}_{f.suffix.lstrip('.')}" if n[f.stem.casefold()] > 1 else f.stem for f in files]
-    seen = {}
-    for f, s in zip(files, names):
-        if s.casefold() in seen:
-            raise DataError(f"{seen[s.casefold()]} and {f} would both write {s}_mask.png: rename one of them")
-        seen[s.casefold()] = f
-    return names
+    return Predictor(model, size, scale=scale)
 
 # %% ../nbs/17_inference.ipynb #3f1a9c19
-def _write_png(path, arr): atomic_write(path, lambda p: Image.fromarray(arr).save(p, format='PNG'))
-
-def _overlay(im:Image.Image, m:np.ndarray) -> np.ndarray:
-    "The image with rock pixels tinted orange"
-    a = np.asarray(im).astype(np.float32)
-    a[m == 1] = 0.5*a[m == 1] + 0.5*np.array([255, 60, 0])
-    return a.astype(np.uint8)
-
 def predict_folder(pr, # a `Predictor` (or `moonfast.onnx.OnnxPredictor`)
                    src, # an image file or a folder of images
                    out, # folder for the masks (created)
-                   mode:str='resize', # 'resize' or 'tile'
+                   mode:str=None, # 'resize' or 'tile'; None: the model's own (see `predict_masks`)
                    thresh:float=0.5, # probability above which a pixel is rock
                    tta:bool=False, # test-time augmentation (see `Predictor.probs`)
                    overlay:bool=False, # also write <name>_overlay.png
                    bs:int=None, # images (resize; default 16) or tiles (tile; default 64) per forward pass
                    progress:bool=True, # progress bars
                    log=None): # called with a line for each image that is skipped (default: print to stderr)
-    "Write <name>_mask.png (0/255, full size) for each image of `src`; returns (written files, [(file, error)], seconds)"
-    log = log or (lambda s: print(s, file=sys.stderr))
+    "Write <name>_mask.png (0/255, full size) for each image of `src` (`moonfast.deploy.write_masks`); returns (written files, [(file, error)], seconds)"
     _check_mode(mode, thresh)
-    src, o = Path(src), Path(out)
-    if not src.exists(): raise DataError(f"{src} does not exist: expected an image file or a folder of images")
-    files = image_files(src) if src.is_dir() else [src]
-    if not files: raise DataError(f"no images found in {src}: expected image files (png, jpg, ...)")
-    if o.exists() and not o.is_dir(): raise DataError(f"{o} is a file: expected a folder for the masks")
-    names = mask_names(files)
-    o.mkdir(parents=True, exist_ok=True)
-    written, failed, t0 = [], [], time.perf_counter()
-    def read(i):
-        try: return _as_pil(files[i])
-        except DataError as e: failed.append((files[i], str(e))); log(f"skipped {files[i]}: {e}")
-    step = (bs or 16) if mode == 'resize' else 1
-    starts = range(0, len(files), step)
-    for s in (progress_bar(starts) if progress else starts):
-        got = [(i, im) for i in range(s, min(s + step, len(files))) if (im := read(i)) is not None]
-        if not got: continue
-        ps = predict_masks(pr, [im for _, im in got], mode=mode, probs=True, tta=tta, bs=bs, progress=progress)
-        for (i, im), p in zip(got, ps):
-            m = (p > thresh).astype(np.uint8)
-            _write_png(o/f'{names[i]}_mask.png', m*255)
-            if overlay: _write_png(o/f'{names[i]}_overlay.png', _overlay(im, m))
-            written.append(o/f'{names[i]}_mask.png')
-    return written, failed, time.perf_counter() - t0
+    mode = mode or ('tile' if getattr(pr, 'scale', None) else 'resize')
+    predict = lambda ims: predict_masks(pr, ims, mode=mode, probs=True, tta=tta, bs=bs, progress=progress)
+    return write_masks(predict, src, out, step=(bs or 16) if mode == 'resize' else 1, thresh=thresh, overlay=overlay,
+                       progress=progress_bar if progress else None, log=log)

@@ -93,7 +93,7 @@ def build_learner(dls:DataLoaders, # the data
     "A fastai `Learner` with moonfast's precision callback and, on the CPU, its speed-ups"
     cuda = _on_cuda(dls)
     if speedups and not cuda: speed_up(model); cbs = L(ChannelsLast()) + L(cbs)
-    info = ModelInfo(arch, img_size if img_size is not None else getattr(dls, 'img_size', None), weights)
+    info = ModelInfo(arch, img_size if img_size is not None else getattr(dls, 'img_size', None), weights, getattr(dls, 'scale', None))
     kwargs.setdefault('path', project_root()); kwargs.setdefault('opt_func', FusedAdam)
     learn = Learner(dls, model, loss_func=loss_func, metrics=metrics,
                     cbs=L(precision_cbs(precision, cuda=cuda)) + L(cbs) + L(info), **kwargs)
@@ -153,6 +153,7 @@ def seg_learner(data, # a segmentation dataset folder (any layout `seg_dls` read
                 pretrained=False, # False, True (shipped classifier weights) or a path to a classifier state dict
                 size=128, # image size: int or (h, w) (for `DataLoaders` without `img_size`: the size they make)
                 bs:int=16, # batch size
+                scale:float=None, # train on `size` windows of renders resized by this factor (1: native) instead of squashing (see `seg_dls`)
                 bce_weight:float=0.5, # weight of BCE in the loss
                 dice_weight:float=0.5, # weight of soft Dice in the loss
                 precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16' (see `precision_cbs`)
@@ -163,7 +164,11 @@ def seg_learner(data, # a segmentation dataset folder (any layout `seg_dls` read
                ) -> Learner:
     "A fastai `Learner` for a 1-channel U-Net with BCE+Dice loss and whole-set Dice, IoU and pixel accuracy"
     check_arch(arch, pretrained)  # before any data is read
-    dls = data if isinstance(data, DataLoaders) else seg_dls(data, size=size, bs=bs, **(dls_kwargs or {}))
+    if isinstance(data, DataLoaders):
+        if scale is not None and getattr(data, 'scale', None) != scale:
+            raise DataError(f"scale={scale} but the DataLoaders were built with scale={getattr(data, 'scale', None)}: pass scale to seg_dls")
+        dls = data
+    else: dls = seg_dls(data, size=size, bs=bs, scale=scale, **(dls_kwargs or {}))
     img_size = getattr(dls, 'img_size', None) or size_hw(size)
     if arch != 'unet': kwargs.setdefault('splitter', unet_splitter)
     learn = build_learner(dls, seg_model(arch, pretrained, img_size), BCEDiceLoss(bce_weight, dice_weight), seg_metrics(),

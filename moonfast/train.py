@@ -12,6 +12,7 @@ from fastai.callback.schedule import *
 from fastai.callback.tracker import TrackerCallback
 from fastai.torch_core import rank_distrib, num_distrib
 from .core import DataError, atomic_write, file_sha256, RunLock
+from .data.core import TileRef
 
 # %% auto #0
 __all__ = ['RUN_FILES', 'TRAINING_SETTINGS', 'ModelInfo', 'save_checkpoint', 'load_checkpoint', 'write_records', 'RunRecorder',
@@ -23,14 +24,15 @@ class ModelInfo(Callback):
     "What a learner builder knows about its model: the architecture's name, the training size, the pretrained weights (no training events)"
     def __init__(self, arch:str=None, # the architecture, e.g. `seg_model`'s `arch`
                  img_size=None, # the training size (h, w)
-                 weights=None): # the file of the pretrained weights the model started from, if any
-        self.arch, self.img_size = arch, None if img_size is None else tuple(img_size)
+                 weights=None, # the file of the pretrained weights the model started from, if any
+                 scale:float=None): # segmentation trained on windows of renders resized by this factor (`seg_dls`'s `scale`)
+        self.arch, self.img_size, self.scale = arch, None if img_size is None else tuple(img_size), scale
         self.weights = None if weights is None else str(weights)
         self.weights_sha256 = None if weights is None else file_sha256(weights)
 
     def as_meta(self) -> dict:
-        "The settings `train_run` records in summary.json: `arch`, `size`, `weights` and `weights_sha256`, where known"
-        return {k: v for k, v in (('arch', self.arch), ('size', self.img_size), ('weights', self.weights),
+        "The settings `train_run` records in summary.json: `arch`, `size`, `scale`, `weights` and `weights_sha256`, where known"
+        return {k: v for k, v in (('arch', self.arch), ('size', self.img_size), ('scale', self.scale), ('weights', self.weights),
                                   ('weights_sha256', self.weights_sha256)) if v is not None}
 
 # %% ../nbs/16_train.ipynb #e2804a07
@@ -181,7 +183,8 @@ def data_fingerprint(dls) -> str|None:
         if items is None: return None
         for it in items:
             for v in (it if isinstance(it, (tuple, list)) else (it,)):
-                if isinstance(v, Path): files.append(v); rows.append((split, v))
+                if isinstance(v, TileRef): files.append(v.fn); rows += [(split, v.fn), (split, f"window {v.y0},{v.x0},{v.h},{v.w}")]
+                elif isinstance(v, Path): files.append(v); rows.append((split, v))
                 elif isinstance(v, (str, int)): rows.append((split, v))
                 else: return None
     if not files: return None
@@ -191,7 +194,7 @@ def data_fingerprint(dls) -> str|None:
         h.update(f"{split}|{v.relative_to(root)}|{v.stat().st_size}\n".encode() if isinstance(v, Path) else f"{split}|{v}\n".encode())
     return h.hexdigest()[:16]
 
-TRAINING_SETTINGS = ('arch', 'model', 'size', 'weights_sha256', 'pretrained', 'variant', 'data', 'layout', 'data_fingerprint',
+TRAINING_SETTINGS = ('arch', 'model', 'size', 'scale', 'weights_sha256', 'pretrained', 'variant', 'data', 'layout', 'data_fingerprint',
                      'classes', 'train_items', 'valid_items', 'images_per_epoch', 'bs', 'lr', 'lr_mult', 'seed',
                      'precision', 'epochs', 'freeze_epochs', 'frozen')  # what changes what a run trains
 
@@ -329,6 +332,7 @@ def train_run(learn:Learner, # the learner to train
         else: _start_fresh(run_dir, overwrite, rec.writer)
         _fit_phases(learn, phases, rec, start, ckpt, cbs)
         if rec.writer: plot_history(rec.history, fname=run_dir/'curves.png')
+        if num_distrib() > 1 and torch.distributed.is_initialized(): torch.distributed.barrier()  # rank 0 has written everything
     except KeyboardInterrupt:
         if rec.writer: _sync_records(run_dir)
         b = (f"; best {monitor} {rec.history[rec.best_epoch][monitor]:.4f} at epoch {rec.best_epoch + 1}"

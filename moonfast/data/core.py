@@ -11,45 +11,13 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import get_worker_info
 from fastai.vision.all import *
 from ..core import DataError, size_hw
+from ..imageio import *
+
+_all_ = ['WIDE_MODES', 'IMG_EXTS', 'to_8bit', 'image_files', 'open_image']   # re-exported from moonfast.imageio
 
 # %% auto #0
-__all__ = ['WIDE_MODES', 'IMG_EXTS', 'default_cache', 'to_8bit', 'image_files', 'open_image', 'scan_images', 'mem_available',
-           'ItemCache', 'get_cache', 'LoadImage', 'LoadMask', 'check_batch']
-
-# %% ../../nbs/03_data_core.ipynb #d844fa71
-WIDE_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F')   # PIL modes of more than 8 bits a channel (all one-channel)
-
-def to_8bit(im:Image.Image) -> Image.Image: # a PIL image; only modes in `WIDE_MODES` are changed
-    "8-bit grey ('L') from a 16-bit, 32-bit or float image, scaled from its own min..max to 0..255, never clipped"
-    if im.mode not in WIDE_MODES: return im
-    a = np.asarray(im).astype(np.float64)
-    ok = np.isfinite(a)
-    lo, hi = (a[ok].min(), a[ok].max()) if ok.any() else (0., 0.)
-    a[~ok] = lo                                                   # NaN/inf of a float image: the darkest value
-    if hi > lo: a = (a - lo) * (255 / (hi - lo))
-    else: a = np.full_like(a, np.clip(lo * (255 if im.mode == 'F' else 255/65535), 0, 255))
-    return Image.fromarray(np.rint(a).astype(np.uint8))
-
-# %% ../../nbs/03_data_core.ipynb #1ed3547d
-IMG_EXTS = ('.jpeg', '.jpg', '.png', '.bmp', '.tif', '.tiff', '.webp')
-
-def image_files(folder) -> list[Path]:
-    "Image files directly in `folder`, sorted by name (`DataError` if the folder is missing)"
-    folder = Path(folder)
-    if not folder.is_dir(): raise DataError(f"folder {folder} does not exist: expected a folder of images")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTS and not p.name.startswith('.'))
-
-def open_image(fn, # the image file
-               mode:str|None='RGB'): # PIL mode to convert to (`None` keeps the file's own, 16-bit becoming 8-bit 'L')
-    "Decode `fn` fully with PIL (grayscale becomes RGB with `mode='RGB'`); `DataError` names a missing, corrupt or truncated file"
-    try:
-        im = Image.open(fn)
-        im.load()
-    except FileNotFoundError: raise DataError(f"image file {fn} does not exist") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot decode image file {fn}: expected a readable image file, got: {e}") from None
-    im = to_8bit(im)
-    return im.convert(mode) if mode is not None and im.mode != mode else im
+__all__ = ['default_cache', 'scan_images', 'mem_available', 'ItemCache', 'get_cache', 'scaled_hw', 'TileRef', 'LoadImage',
+           'LoadMask', 'check_batch', 'WIDE_MODES', 'IMG_EXTS', 'to_8bit', 'image_files', 'open_image']
 
 # %% ../../nbs/03_data_core.ipynb #236ad6b7
 _ENDS = {'PNG': b'IEND\xaeB`\x82', 'JPEG': b'\xff\xd9'}   # the bytes a complete file of the format ends with
@@ -199,31 +167,67 @@ def _hw(size): return None if size is None else size_hw(size)   # sizes are (h, 
 def _resize(im, hw, resample):
     return im if hw is None or im.size == (hw[1], hw[0]) else im.resize((hw[1], hw[0]), resample)
 
-class LoadImage(Transform):
-    "Decode an image file to an RGB uint8 `TensorImage` (3×h×w) resized to `size`, through `cache`"
-    def __init__(self, size=None, # int or (h, w); `None` keeps the file's size
-                 cache:ItemCache|None=None): # where decoded items are kept (`None`: decode every time)
-        self.hw,self.cache = _hw(size),cache
-    def _load(self, fn):
-        a = np.asarray(_resize(open_image(fn, 'RGB'), self.hw, Image.BILINEAR))
-        return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()
-    def encodes(self, fn:Path|str):
-        t = self.cache.get(fn, ('img', self.hw), self._load) if self.cache is not None else self._load(fn)
-        return TensorImage(t)
+def scaled_hw(hw, # (h, w) of an image file
+              scale:float): # resize factor
+    "The (h, w) an image of size `hw` has once resized by `scale` (rounded, at least 1 pixel)"
+    return tuple(max(1, round(v*scale)) for v in hw)
 
-class LoadMask(Transform):
-    "Decode a mask file with `convert(array, fn) -> 0/1 uint8 array` to a `TensorMask` (h×w) resized to `size` (nearest)"
+def _check_scale(scale, size):
+    if scale is None: return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 4:
+        raise DataError(f"scale={scale!r}: expected a resize factor in (0, 4] (1 = the files' own resolution)")
+    if size is not None: raise DataError(f"size={size!r} and scale={scale!r}: give one of them (a fixed size, or a factor)")
+    return float(scale)
+
+class TileRef:
+    "A window of an item file: rows `y0`…`y0+h`, columns `x0`…`x0+w` of the file once its loader has decoded (and scaled) it"
+    __slots__ = ('fn', 'y0', 'x0', 'h', 'w')
+    def __init__(self, fn, y0:int, x0:int, h:int, w:int): self.fn, self.y0, self.x0, self.h, self.w = Path(fn), y0, x0, h, w
+    def __repr__(self): return f"TileRef({self.fn.name}, y0={self.y0}, x0={self.x0}, {self.h}×{self.w})"
+    def __eq__(self, o): return isinstance(o, TileRef) and (self.fn, self.y0, self.x0, self.h, self.w) == (o.fn, o.y0, o.x0, o.h, o.w)
+    def __hash__(self): return hash((self.fn, self.y0, self.x0, self.h, self.w))
+    def crop(self, t:Tensor) -> Tensor:
+        "This window of the decoded item `t` (…×H×W); `DataError` if it does not fit"
+        H, W = t.shape[-2:]
+        if self.y0 < 0 or self.x0 < 0 or self.y0 + self.h > H or self.x0 + self.w > W:
+            raise DataError(f"{self!r} does not fit in {self.fn} decoded at {H}×{W}")
+        return t[..., self.y0:self.y0+self.h, self.x0:self.x0+self.w]
+
+class _Loader(Transform):
+    "Shared by `LoadImage`/`LoadMask`: the target size (fixed or by `scale`), the cache, windows (`TileRef`)"
+    def _target(self, im): return self.hw if self.scale is None else scaled_hw(im.size[::-1], self.scale)
+    def _get(self, fn): return self.cache.get(fn, self._key, self._load) if self.cache is not None else self._load(fn)
+    def encodes(self, fn:Path|str): return self._type(self._get(fn))
+    def encodes(self, t:TileRef): return self._type(t.crop(self._get(t.fn)))
+
+class LoadImage(_Loader):
+    "Decode an image file to an RGB uint8 `TensorImage` (3×h×w) resized to `size` (or by `scale`), through `cache`"
+    _type = TensorImage
+    def __init__(self, size=None, # int or (h, w); `None` keeps the file's size
+                 cache:ItemCache|None=None, # where decoded items are kept (`None`: decode every time)
+                 scale:float|None=None): # instead of `size`: resize by this factor (0.5: half the resolution)
+        self.scale = _check_scale(scale, size)
+        self.hw,self.cache = _hw(size),cache
+        self._key = ('img', self.hw) if self.scale is None else ('img', 'scale', self.scale)
+    def _load(self, fn):
+        im = open_image(fn, 'RGB')
+        a = np.asarray(_resize(im, self._target(im), Image.BILINEAR))
+        return torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous()
+
+class LoadMask(_Loader):
+    "Decode a mask file with `convert(array, fn) -> 0/1 uint8 array` to a `TensorMask` (h×w) resized to `size` or by `scale` (nearest)"
+    _type = TensorMask
     def __init__(self, convert, # `convert(array, fn)` -> 0/1 uint8 mask, e.g. `moonfast.data.seg.binary_mask`
                  size=None, # int or (h, w); `None` keeps the file's size
                  cache:ItemCache|None=None, # where decoded items are kept (`None`: decode every time)
-                 how=''): # names `convert` in the cache key (two converters of one file are two entries)
+                 how='', # names `convert` in the cache key (two converters of one file are two entries)
+                 scale:float|None=None): # instead of `size`: resize by this factor
+        self.scale = _check_scale(scale, size)
         self.convert,self.hw,self.cache,self.how = convert,_hw(size),cache,how
+        self._key = ('mask', how, self.hw) if self.scale is None else ('mask', how, 'scale', self.scale)
     def _load(self, fn):
-        m = self.convert(np.asarray(open_image(fn, None)), fn)
-        return torch.from_numpy(np.asarray(_resize(Image.fromarray(m), self.hw, Image.NEAREST)).copy())
-    def encodes(self, fn:Path|str):
-        t = self.cache.get(fn, ('mask', self.how, self.hw), self._load) if self.cache is not None else self._load(fn)
-        return TensorMask(t)
+        m = Image.fromarray(self.convert(np.asarray(open_image(fn, None)), fn))
+        return torch.from_numpy(np.asarray(_resize(m, self._target(m), Image.NEAREST)).copy())
 
 # %% ../../nbs/03_data_core.ipynb #a7340a13
 def _check_dir(path, what='dataset folder') -> Path:

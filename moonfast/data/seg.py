@@ -10,11 +10,12 @@ import numpy as np, torch
 from fastai.vision.all import *
 from ..core import DataError, size_hw
 from .core import *
-from .core import _check_dir, _listing, _name
+from .core import _check_dir, _listing, _name, _check_scale
 from .augment import seg_batch_tfms
 
 # %% auto #0
-__all__ = ['SEG_LAYOUTS', 'binary_mask', 'kaggle_mask', 'detect_layout', 'norm_id', 'seg_pairs', 'check_masks', 'seg_dls']
+__all__ = ['SEG_LAYOUTS', 'binary_mask', 'kaggle_mask', 'detect_layout', 'norm_id', 'seg_pairs', 'check_masks', 'RandomTile',
+           'seg_dls']
 
 # %% ../../nbs/06_seg_data.ipynb #6c5bc794
 def binary_mask(arr, # mask pixels: h×w, or h×w×c with equal colour channels
@@ -177,9 +178,41 @@ def _valid_idx(pairs, valid_ids, valid_pct, seed, path):
     if not want: raise DataError(f"valid_ids from {src if isinstance(src, Path) else 'valid_ids'} is empty: expected some ids")
     return [i for i,k in enumerate(ids) if k in want]
 
+class RandomTile(ItemTransform):
+    "Training items: one random `size` window of the image, the same window of its mask (validation items are fixed windows)"
+    split_idx, order = 0, 0
+    def __init__(self, size): self.hw = size_hw(size)
+    def encodes(self, x):
+        img, msk = x
+        (h, w), (H, W) = self.hw, img.shape[-2:]
+        if H < h or W < w: raise DataError(f"an image of {H}×{W} is smaller than the {h}×{w} training window")
+        y0, x0 = random.randint(0, H - h), random.randint(0, W - w)
+        return img[..., y0:y0+h, x0:x0+w], msk[..., y0:y0+h, x0:x0+w]
+
+def _file_hw(fn) -> tuple:
+    "(h, w) of an image file from its header"
+    try:
+        with Image.open(fn) as im: return im.size[::-1]
+    except Exception as e: raise DataError(f"{fn} cannot be read as an image: {e}") from None
+
+def _windows(pairs, vidx, hw, scale, seed, path):
+    "The pairs with each validation pair replaced by one fixed `hw` window (`TileRef`s) of its render scaled by `scale`"
+    (h, w), rng, out = hw, random.Random(0 if seed is None else seed), list(pairs)
+    small = [(a, s) for a, _ in pairs if (s := scaled_hw(_file_hw(a), scale))[0] < h or s[1] < w]
+    if small:
+        a, s = small[0]
+        raise DataError(f"{len(small)} render(s) in {path} are smaller than the {h}×{w} training window at scale={scale:g} "
+                        f"(e.g. {_name(a, path)}: {s[0]}×{s[1]}): lower size or raise scale")
+    for i in vidx:
+        a, m = pairs[i]
+        H, W = scaled_hw(_file_hw(a), scale)
+        y0, x0 = rng.randint(0, H - h), rng.randint(0, W - w)
+        out[i] = (TileRef(a, y0, x0, h, w), TileRef(m, y0, x0, h, w))
+    return out
+
 def seg_dls(path, # segmentation dataset folder (layouts: see `detect_layout`)
             layout:str|None=None, # 'binary', 'kaggle', 'folders', or None to detect it
-            size=128, # size of images and masks, int or (h, w)
+            size=128, # size of images and masks, int or (h, w): the whole render squashed, or the window (with `scale`)
             bs:int=16, # batch size
             valid_pct:float=0.2, # random validation fraction (when `valid_ids` is None)
             seed:int|None=42, # seed of the random split and of the training shuffle
@@ -190,9 +223,10 @@ def seg_dls(path, # segmentation dataset folder (layouts: see `detect_layout`)
             threshold:int=127, # Kaggle layout: rock where green or blue is above this
             mask_dir:str|None=None, # Kaggle/binary mask folder: 'ground' or 'clean' (default: whichever exists)
             check:bool=True, # scan every file and load every mask before building (see `seg_pairs`, `check_masks`)
+            scale:float|None=None, # None: squash whole renders to `size`; a factor (1: the files' resolution): `size` windows of renders resized so
             **kwargs) -> DataLoaders: # passed to `DataBlock.dataloaders`
-    "Segmentation `DataLoaders` of (image, 0/1 rock mask) pairs, resized to `size`, with geometric augmentation on both"
-    path, hw = Path(path), size_hw(size)
+    "Segmentation `DataLoaders` of (image, 0/1 rock mask) pairs, resized to `size` or windows at `scale`, with geometric augmentation on both"
+    path, hw, scale = Path(path), size_hw(size), _check_scale(scale, None)
     layout = layout or detect_layout(path, mask_dir)
     pairs = seg_pairs(path, layout, mask_dir, check=check)
     vidx = _valid_idx(pairs, valid_ids, valid_pct, seed, path)
@@ -201,15 +235,22 @@ def seg_dls(path, # segmentation dataset folder (layouts: see `detect_layout`)
     conv = partial(kaggle_mask, threshold=threshold) if layout == 'kaggle' else binary_mask
     how = f"kaggle{threshold}" if layout == 'kaggle' else 'binary'
     cache, codes = get_cache(cache), ['background', 'rock']
-    if cache is not None: cache.reserve(len(pairs)*4*hw[0]*hw[1], f"{len(pairs)} pairs of {path} at {hw[0]}×{hw[1]}")
-    load_mask = LoadMask(conv, hw, cache, how)
+    if scale is None:
+        items, ld = pairs, dict(size=hw)
+        if cache is not None: cache.reserve(len(pairs)*4*hw[0]*hw[1], f"{len(pairs)} pairs of {path} at {hw[0]}×{hw[1]}")
+    else:
+        items, ld = _windows(pairs, vidx, hw, scale, seed, path), dict(scale=scale)
+        if cache is not None:
+            H, W = scaled_hw(_file_hw(pairs[0][0]), scale)
+            cache.reserve(len(pairs)*4*H*W, f"{len(pairs)} pairs of {path} at scale {scale:g} ({H}×{W})")
+    load_mask = LoadMask(conv, cache=cache, how=how, **ld)
     if check: check_masks([m for _,m in pairs], load_mask, conv)
-    dblock = DataBlock(blocks=(TransformBlock(type_tfms=LoadImage(hw, cache), batch_tfms=IntToFloatTensor),
+    dblock = DataBlock(blocks=(TransformBlock(type_tfms=LoadImage(cache=cache, **ld), batch_tfms=IntToFloatTensor),
                                TransformBlock(type_tfms=load_mask, item_tfms=AddMaskCodes(codes),
                                               batch_tfms=IntToFloatTensor)),
                        getters=[ItemGetter(0), ItemGetter(1)], splitter=IndexSplitter(vidx),
-                       batch_tfms=seg_batch_tfms(aug))
-    dls = dblock.dataloaders(pairs, bs=bs, num_workers=num_workers, **kwargs)
+                       item_tfms=[RandomTile(hw)] if scale is not None else None, batch_tfms=seg_batch_tfms(aug))
+    dls = dblock.dataloaders(items, bs=bs, num_workers=num_workers, **kwargs)
     if seed is not None: dls.train.rng = random.Random(seed)
-    dls.codes, dls.layout, dls.img_size = codes, layout, hw
+    dls.codes, dls.layout, dls.img_size, dls.scale = codes, layout, hw, scale
     return dls
