@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from .core import DataError, atomic_write
-from .imageio import open_image, image_files
+from .imageio import open_image, image_files, scaled_hw
 
 # %% auto #0
-__all__ = ['FLIPS', 'resize_bilinear', 'image_array', 'tile_starts', 'blend_weight', 'OnnxSegmenter', 'as_pil', 'OnnxClassifier',
-           'mask_names', 'write_masks', 'main']
+__all__ = ['FLIPS', 'resize_bilinear', 'image_array', 'tile_starts', 'blend_weight', 'tiled_probs', 'OnnxSegmenter', 'as_pil',
+           'OnnxClassifier', 'mask_names', 'write_masks', 'main']
 
 # %% ../nbs/17c_deploy.ipynb #35ec6558
 def resize_bilinear(a:np.ndarray, # ...×h×w array
@@ -49,6 +49,25 @@ def blend_weight(h:int, w:int) -> np.ndarray: # a tile's size
     "Weights (h×w, float32) for blending overlapping tiles: a squared sine bump, highest in the middle, 1% at the border"
     bump = lambda n: np.maximum(np.sin(np.pi*(np.arange(n) + 0.5)/n)**2, 0.01).astype(np.float32)
     return bump(h)[:, None]*bump(w)[None]
+
+def tiled_probs(probs, # `probs(tiles, tta)`: n×3×th×tw float32 array -> n×th×tw probabilities
+                x:np.ndarray, # one [0, 1] image, 1×3×h×w float32
+                hw, # the tile (training) size (th, tw)
+                bs:int=64, # tiles per `probs` call
+                tta:bool=False, # passed to `probs`
+                progress=None) -> np.ndarray: # wraps the loop over batches when there are several (None: no bar)
+    "Probabilities (h×w) of `x` from half-overlapping tiles of size `hw`, `bs` per call, blended with `blend_weight`"
+    (th, tw), (H, W) = hw, x.shape[-2:]
+    ph, pw = max(0, th - H), max(0, tw - W)
+    if ph or pw: x = np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)), mode='edge')
+    boxes = [(y0, x0) for y0 in tile_starts(x.shape[-2], th) for x0 in tile_starts(x.shape[-1], tw)]
+    acc, cnt, wt = np.zeros(x.shape[-2:], np.float32), np.zeros(x.shape[-2:], np.float32), blend_weight(th, tw)
+    starts = range(0, len(boxes), bs)
+    for i in (progress(starts) if progress and len(starts) > 1 else starts):
+        b = boxes[i:i+bs]
+        p = probs(np.concatenate([x[..., y0:y0+th, x0:x0+tw] for y0, x0 in b]), tta)
+        for (y0, x0), q in zip(b, p): acc[y0:y0+th, x0:x0+tw] += q*wt; cnt[y0:y0+th, x0:x0+tw] += wt
+    return (acc/cnt)[:H, :W]
 
 # %% ../nbs/17c_deploy.ipynb #4bd9db5f
 def _session(fname, threads=None):
@@ -96,18 +115,6 @@ class OnnxSegmenter:
         if not tta: return self.forward(x)
         return sum(_flips(self.forward(np.ascontiguousarray(_flips(x, op))), op) for op in FLIPS)/len(FLIPS)
 
-    def _tiled(self, x, bs=64, tta=False):
-        (th, tw), (H, W) = self.hw, x.shape[-2:]
-        ph, pw = max(0, th - H), max(0, tw - W)
-        if ph or pw: x = np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)), mode='edge')
-        boxes = [(y0, x0) for y0 in tile_starts(x.shape[-2], th) for x0 in tile_starts(x.shape[-1], tw)]
-        acc, cnt, wt = np.zeros(x.shape[-2:], np.float32), np.zeros(x.shape[-2:], np.float32), blend_weight(th, tw)
-        for i in range(0, len(boxes), bs):
-            b = boxes[i:i+bs]
-            p = self.probs(np.concatenate([x[..., y0:y0+th, x0:x0+tw] for y0, x0 in b]), tta=tta)
-            for (y0, x0), q in zip(b, p): acc[y0:y0+th, x0:x0+tw] += q*wt; cnt[y0:y0+th, x0:x0+tw] += wt
-        return (acc/cnt)[:H, :W]
-
     def masks(self, items, # image files, PIL images or h×w×3 uint8 arrays (or one of them)
               mode:str=None, # 'resize', 'tile', or None: 'tile' for a model trained on windows, else 'resize'
               thresh:float=0.5, # probability above which a pixel is rock
@@ -128,8 +135,8 @@ class OnnxSegmenter:
                 ps = [resize_bilinear(p, im.size[::-1]) for p, im in zip(ps, ims)]
             else:
                 im, s = ims[0], self.scale or 1.0
-                hw = tuple(max(1, round(v*s)) for v in im.size[::-1])
-                p = self._tiled(image_array(im, hw), bs=bs, tta=tta)
+                hw = scaled_hw(im.size[::-1], s)
+                p = tiled_probs(self.probs, image_array(im, hw), self.hw, bs=bs, tta=tta)
                 ps = [p if hw == im.size[::-1] else resize_bilinear(p, im.size[::-1])]
             res += [p if probs else (p > thresh).astype(np.uint8) for p in ps]
         return res[0] if single else res

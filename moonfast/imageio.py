@@ -10,7 +10,7 @@ from PIL import Image
 from .core import DataError
 
 # %% auto #0
-__all__ = ['WIDE_MODES', 'IMG_EXTS', 'to_8bit', 'image_files', 'open_image']
+__all__ = ['WIDE_MODES', 'IMG_EXTS', 'to_8bit', 'image_files', 'open_image', 'scaled_hw']
 
 # %% ../nbs/03a_imageio.ipynb #d844fa71
 WIDE_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I', 'F')   # PIL modes of more than 8 bits a channel (all one-channel)
@@ -46,3 +46,8 @@ def open_image(fn, # the image file
         raise DataError(f"cannot decode image file {fn}: expected a readable image file, got: {e}") from None
     im = to_8bit(im)
     return im.convert(mode) if mode is not None and im.mode != mode else im
+
+def scaled_hw(hw, # (h, w) of an image file
+              scale:float): # resize factor
+    "The (h, w) an image of size `hw` has once resized by `scale` (rounded, at least 1 pixel)"
+    return tuple(max(1, round(v*scale)) for v in hw)

@@ -13,7 +13,7 @@ from fastai.vision.all import Learner, Normalize, imagenet_stats, load_learner, 
 from fastprogress.fastprogress import progress_bar
 from .core import DataError, size_hw, atomic_write
 from .data.core import open_image, image_files, scaled_hw
-from .deploy import tile_starts, blend_weight as _blend_np, mask_names, write_masks, as_pil, image_array
+from .deploy import tile_starts, tiled_probs, write_masks, as_pil, image_array
 from .train import sync_run
 from .cpu.build import is_channels_last
 
@@ -117,24 +117,12 @@ def _img_tensor(im:Image.Image, hw=None) -> Tensor:
     "RGB PIL image (resized to `hw` = (h, w) like the data pipeline) as a 1×3×h×w float tensor in [0, 1]"
     return torch.from_numpy(image_array(im, hw))
 
-@functools.lru_cache(16)
-def _blend(h, w) -> Tensor: return torch.from_numpy(_blend_np(h, w))   # `moonfast.deploy.blend_weight`, as a tensor
-
 # %% ../nbs/17_inference.ipynb #3f1a9c08
 def _tiled_probs(pr, x:Tensor, bs:int=64, tta:bool=False, progress:bool=False) -> Tensor:
-    "Probabilities (h×w) of a 1×3×h×w image from half-overlapping tiles of the training size, `bs` per forward pass, blended"
-    (th, tw), (H, W) = pr.hw, x.shape[-2:]
-    ph, pw = max(0, th - H), max(0, tw - W)
-    if ph or pw: x = F.pad(x, (0, pw, 0, ph), mode='replicate')
-    boxes = [(y0, x0) for y0 in tile_starts(x.shape[-2], th) for x0 in tile_starts(x.shape[-1], tw)]
-    acc, cnt, wt = torch.zeros(x.shape[-2:]), torch.zeros(x.shape[-2:]), _blend(th, tw)
-    starts = range(0, len(boxes), bs)
-    for i in (progress_bar(starts, leave=False) if progress and len(starts) > 1 else starts):
-        b = boxes[i:i+bs]
-        p = pr.probs(torch.cat([x[..., y0:y0+th, x0:x0+tw] for y0, x0 in b]), tta=tta)
-        for (y0, x0), q in zip(b, p):
-            acc[y0:y0+th, x0:x0+tw] += q*wt; cnt[y0:y0+th, x0:x0+tw] += wt
-    return (acc/cnt)[:H, :W]
+    "Probabilities (h×w) of a 1×3×h×w image from half-overlapping tiles of the training size, `bs` per forward pass, blended (`moonfast.deploy.tiled_probs`)"
+    probs = lambda a, tta: pr.probs(torch.from_numpy(a), tta=tta).numpy()
+    return torch.from_numpy(tiled_probs(probs, x.numpy(), pr.hw, bs=bs, tta=tta,
+                                        progress=functools.partial(progress_bar, leave=False) if progress else None))
 
 def _scaled_tiled_probs(pr, im:Image.Image, **kwargs) -> Tensor:
     "Tiled probabilities (h×w) of `im` at the predictor's training scale (resized as `LoadImage` does), resized back"

@@ -13,11 +13,11 @@ from fastai.vision.all import *
 from ..core import DataError, size_hw
 from ..imageio import *
 
-_all_ = ['WIDE_MODES', 'IMG_EXTS', 'to_8bit', 'image_files', 'open_image']   # re-exported from moonfast.imageio
+_all_ = ['WIDE_MODES', 'IMG_EXTS', 'to_8bit', 'image_files', 'open_image', 'scaled_hw']   # re-exported from moonfast.imageio
 
 # %% auto #0
-__all__ = ['default_cache', 'scan_images', 'mem_available', 'ItemCache', 'get_cache', 'scaled_hw', 'TileRef', 'LoadImage',
-           'LoadMask', 'check_batch', 'WIDE_MODES', 'IMG_EXTS', 'to_8bit', 'image_files', 'open_image']
+__all__ = ['default_cache', 'scan_images', 'mem_available', 'ItemCache', 'get_cache', 'TileRef', 'LoadImage', 'LoadMask',
+           'check_batch', 'WIDE_MODES', 'IMG_EXTS', 'to_8bit', 'image_files', 'open_image', 'scaled_hw']
 
 # %% ../../nbs/03_data_core.ipynb #236ad6b7
 _ENDS = {'PNG': b'IEND\xaeB`\x82', 'JPEG': b'\xff\xd9'}   # the bytes a complete file of the format ends with
@@ -166,11 +166,6 @@ def _hw(size): return None if size is None else size_hw(size)   # sizes are (h, 
 
 def _resize(im, hw, resample):
     return im if hw is None or im.size == (hw[1], hw[0]) else im.resize((hw[1], hw[0]), resample)
-
-def scaled_hw(hw, # (h, w) of an image file
-              scale:float): # resize factor
-    "The (h, w) an image of size `hw` has once resized by `scale` (rounded, at least 1 pixel)"
-    return tuple(max(1, round(v*scale)) for v in hw)
 
 def _check_scale(scale, size):
     if scale is None: return None

@@ -198,14 +198,15 @@ def _file_hw(fn) -> tuple:
 def _windows(pairs, vidx, hw, scale, seed, path):
     "The pairs with each validation pair replaced by one fixed `hw` window (`TileRef`s) of its render scaled by `scale`"
     (h, w), rng, out = hw, random.Random(0 if seed is None else seed), list(pairs)
-    small = [(a, s) for a, _ in pairs if (s := scaled_hw(_file_hw(a), scale))[0] < h or s[1] < w]
+    sizes = [scaled_hw(_file_hw(a), scale) for a, _ in pairs]
+    small = [(a, s) for (a, _), s in zip(pairs, sizes) if s[0] < h or s[1] < w]
     if small:
         a, s = small[0]
         raise DataError(f"{len(small)} render(s) in {path} are smaller than the {h}×{w} training window at scale={scale:g} "
                         f"(e.g. {_name(a, path)}: {s[0]}×{s[1]}): lower size or raise scale")
     for i in vidx:
         a, m = pairs[i]
-        H, W = scaled_hw(_file_hw(a), scale)
+        H, W = sizes[i]
         y0, x0 = rng.randint(0, H - h), rng.randint(0, W - w)
         out[i] = (TileRef(a, y0, x0, h, w), TileRef(m, y0, x0, h, w))
     return out
