@@ -4,7 +4,7 @@
 
 # %% ../nbs/99_cli.ipynb #5b71f25a
 from __future__ import annotations
-import sys, time
+import json, sys, time
 from fastcore.script import call_parse, anno_parser, store_true
 from pathlib import Path
 import moonfast
@@ -87,8 +87,8 @@ def synth(n:int=1000, # number of lunar render/mask pairs
 # %% ../nbs/99_cli.ipynb #8be4536b
 @call_parse
 def train_classifier(data:str=None, # Tiny ImageNet folder (default: one that moonfast.core.find_data finds)
-                     epochs:int=30, # epochs
-                     lr:float=3e-3, # peak learning rate (one-cycle)
+                     epochs:int=40, # epochs
+                     lr:float=4e-3, # peak learning rate (one-cycle)
                      bs:int=128, # batch size per process (under torchrun the global batch is bs × processes)
                      size:int=128, # image size
                      seed:int=42, # random seed
@@ -97,15 +97,23 @@ def train_classifier(data:str=None, # Tiny ImageNet folder (default: one that mo
                      ship:store_true=False, # copy the best weights to models/classifier-tiny10.pth (used by pretrained U-Nets)
                      resume:store_true=False, # continue an interrupted run in `out` (its settings must match)
                      overwrite:store_true=False, # replace the run that `out` holds (otherwise refused)
-                     precision:str='auto'): # auto, fp32, bf16 or fp16
-    "Train the custom ResNet classifier on Tiny ImageNet classes"
+                     precision:str='auto', # auto, fp32, bf16 or fp16
+                     wd:float=0.05, # weight decay
+                     mixup:float=0.2, # MixUp's alpha (0: none)
+                     label_smoothing:float=0.1, # label smoothing of the cross-entropy (0: none)
+                     tta:int=4): # after training, also record test-time-augmented accuracy over this many passes (0: skip)
+    "Train the custom ResNet classifier on Tiny ImageNet classes (moonfast.experiments.CLASSIFIER_RECIPE by default)"
     from moonfast.experiments import train_classifier as tc, DEFAULT_CLASSES
     from fastai.torch_core import rank_distrib
     from moonfast.core import models_path
     learn = tc(_path(data), wnids=None if all_classes else DEFAULT_CLASSES, epochs=epochs, lr=lr, bs=bs, size=size,
-               seed=seed, run_dir=_path(out), ship=ship, resume=resume, overwrite=overwrite, precision=precision)
+               seed=seed, run_dir=_path(out), ship=ship, resume=resume, overwrite=overwrite, precision=precision,
+               wd=wd, mixup=mixup, label_smoothing=label_smoothing, tta=tta)
     rd = _path(out) or models_path('runs', 'classifier')
     if rank_distrib() > 0: return   # under torchrun the first process reports
+    s = json.loads((rd/'summary.json').read_text())
+    t = f", with TTA ({s['tta']['n']} passes) {s['tta']['accuracy']:.1%}" if 'tta' in s else ''
+    print(f"best validation accuracy {s['best']['accuracy']:.1%} (epoch {s['best_epoch'] + 1} of {s['epochs_done']}){t}")
     print(f"run recorded in {rd} (history.csv, summary.json, best.pth, curves.png)" + (" and shipped to models/" if ship else ""))
 
 # %% ../nbs/99_cli.ipynb #15007791

@@ -4,7 +4,7 @@
 
 # %% ../nbs/18_experiments.ipynb #3d44ad5f
 from __future__ import annotations
-import json, os, random, time, shutil, tempfile
+import json, math, os, random, time, shutil, tempfile
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from fastai.vision.all import *
@@ -21,9 +21,10 @@ from .budget import (COMPARE_EPOCHS, COMPARE_SEEDS, MIN_EPOCHS, frozen_epochs, E
 _all_ = ['COMPARE_EPOCHS', 'COMPARE_SEEDS', 'parse_budget', 'plan_comparison']  # the comparison's size, with it
 
 # %% auto #0
-__all__ = ['DEFAULT_CLASSES', 'COMPARISON', 'default_imagenet_path', 'train_classifier', 'ship_classifier', 'run_seg',
-           'plot_samples', 'plot_comparison', 'results_table', 'compare_dir', 'aggregate', 'compare', 'COMPARE_EPOCHS',
-           'COMPARE_SEEDS', 'parse_budget', 'plan_comparison']
+__all__ = ['DEFAULT_CLASSES', 'CLASSIFIER_RECIPE', 'COMPARISON', 'default_imagenet_path', 'record_tta', 'train_classifier',
+           'ship_classifier', 'run_seg', 'plot_samples', 'plot_comparison', 'results_table', 't_pvalue',
+           'paired_differences', 'compare_dir', 'aggregate', 'compare', 'COMPARE_EPOCHS', 'COMPARE_SEEDS',
+           'parse_budget', 'plan_comparison']
 
 # %% ../nbs/18_experiments.ipynb #162481ee
 DEFAULT_CLASSES = 'n01910747 n02124075 n03854065 n02403003 n09256479 n02415577 n02814533 n04285008 n03796401 n04254777'.split()
@@ -38,10 +39,40 @@ def default_imagenet_path() -> Path:
                     "`moonfast synth --tiny` writes a small procedural stand-in")
 
 # %% ../nbs/18_experiments.ipynb #8c5700c2
+CLASSIFIER_RECIPE = dict(epochs=40, lr=4e-3, wd=0.05, mixup=0.2, aug=dict(max_zoom=1.25, max_rotate=15.), label_smoothing=0.1)
+
+def _check_recipe(epochs, lr, wd, mixup, aug, label_smoothing):
+    "Raise `DataError` naming the first classifier training setting that cannot work"
+    if not (isinstance(epochs, int) and epochs >= 1): raise DataError(f"epochs must be a whole number ≥ 1, got {epochs!r}")
+    for name, v, ok, want in (('lr', lr, lambda v: v > 0, '> 0'), ('wd', wd, lambda v: v >= 0, '≥ 0'),
+                              ('mixup', mixup, lambda v: v >= 0, '≥ 0 (0: no MixUp)'),
+                              ('label_smoothing', label_smoothing, lambda v: 0 <= v < 1, 'in [0, 1)')):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or not ok(v):
+            raise DataError(f"{name} must be a number {want}, got {v!r}")
+    if not (isinstance(aug, bool) or isinstance(aug, dict)):
+        raise DataError(f"aug must be True, False or a dict of aug_transforms arguments, got {aug!r}")
+
+def record_tta(learn:Learner, # a trained classifier learner
+               run_dir, # its run folder: the result is added to its summary.json as `tta`
+               n:int=4, # augmented passes (fastai `Learner.tta`: blended with the plain pass, beta 0.25)
+               seed:int=0) -> float: # seed of the augmentations drawn (the same figure each time it is computed)
+    "Validation accuracy of `learn` with fastai's test-time augmentation (the training augmentation, `n` passes); recorded in the run's summary"
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():   # seeded, without moving the caller's random streams
+        set_seed(seed)
+        preds, targs = learn.tta(n=n)
+    random.setstate(states[0]); np.random.set_state(states[1])
+    acc = float(accuracy(preds, targs))
+    f = Path(run_dir)/'summary.json'
+    s = json.loads(f.read_text())
+    s['tta'] = {'n': n, 'beta': 0.25, 'seed': seed, 'accuracy': acc, 'of': 'best.pth'}
+    atomic_write(f, lambda p: Path(p).write_text(json.dumps(s, indent=1)))
+    return acc
+
 def train_classifier(data=None, # Tiny ImageNet folder (default: `default_imagenet_path()`)
                      wnids=DEFAULT_CLASSES, # class ids (default: the course's 10; None: all of wnids.txt)
-                     epochs:int=30, # epochs of one-cycle training
-                     lr:float=3e-3, # peak learning rate
+                     epochs:int=CLASSIFIER_RECIPE['epochs'], # epochs of one-cycle training
+                     lr:float=CLASSIFIER_RECIPE['lr'], # peak learning rate
                      bs:int=128, # batch size
                      size:int=128, # image size
                      seed:int=42, # random seed
@@ -51,20 +82,29 @@ def train_classifier(data=None, # Tiny ImageNet folder (default: `default_imagen
                      resume:bool=False, # continue an interrupted run in `run_dir`
                      overwrite:bool=False, # replace the run that `run_dir` holds (otherwise refused)
                      precision:str='auto', # 'auto', 'fp32', 'bf16', 'fp16'
+                     wd:float=CLASSIFIER_RECIPE['wd'], # weight decay (decoupled, AdamW-style)
+                     mixup:float=CLASSIFIER_RECIPE['mixup'], # MixUp's Beta(α, α) parameter (0: no MixUp)
+                     aug=CLASSIFIER_RECIPE['aug'], # `aug_transforms` arguments for the training batches (True: fastai's defaults, False: none)
+                     label_smoothing:float=CLASSIFIER_RECIPE['label_smoothing'], # label smoothing of the cross-entropy
+                     tta:int=4, # after training: also record accuracy with test-time augmentation over this many augmented passes (0: skip)
                      **kwargs): # passed to `classifier_learner`
     "Train the custom ResNet classifier; returns the learner with its best weights loaded"
+    _check_recipe(epochs, lr, wd, mixup, aug, label_smoothing)
     path = Path(data) if data is not None else default_imagenet_path()
     if wnids is DEFAULT_CLASSES and (path/'wnids.txt').exists() and not set(wnids) <= set(read_wnids(path)):
         wnids = None  # a set without the course's classes (e.g. the procedural stand-in): use all of its classes
     set_seed(seed, reproducible=True)
-    dls = imagenet_dls(path, wnids=wnids, size=size, bs=bs, seed=seed, max_per_class=max_per_class)
-    learn = classifier_learner(dls, precision=precision, **kwargs)
+    dls = imagenet_dls(path, wnids=wnids, size=size, bs=bs, seed=seed, max_per_class=max_per_class, aug=aug)
+    cbs = L(kwargs.pop('cbs', None)) + ([MixUp(mixup)] if mixup else [])
+    learn = classifier_learner(dls, precision=precision, label_smoothing=label_smoothing, wd=wd, cbs=cbs, **kwargs)
     run_dir = Path(run_dir) if run_dir is not None else models_path('runs', 'classifier')
     train_run(learn, epochs, lr, run_dir=run_dir, resume=resume, overwrite=overwrite,
               meta={'model': 'ResNet [2,2,2,2] 18ch', 'data': str(path), 'classes': list(dls.vocab),
                     'size': size, 'seed': seed, 'train_items': len(dls.train_ds), 'valid_items': len(dls.valid_ds),
-                    'precision': resolve_precision(precision)})
+                    'precision': resolve_precision(precision), 'wd': wd, 'mixup': mixup, 'aug': aug,
+                    'label_smoothing': label_smoothing})
     learn.model.load_state_dict(torch.load(run_dir/'best.pth', weights_only=True))
+    if tta and rank_distrib() == 0: record_tta(learn, run_dir, n=tta)
     if ship: ship_classifier(run_dir)
     return learn
 
@@ -192,6 +232,52 @@ def results_table(runs:pd.DataFrame) -> pd.DataFrame:
         out.append(r)
     return pd.DataFrame(out)
 
+# %% ../nbs/18_experiments.ipynb #f8b93e47
+def t_pvalue(t:float, # a t statistic
+             df:int) -> float: # its degrees of freedom (≥ 1)
+    "Two-sided p-value of Student's t distribution: P(|T| ≥ |t|) with `df` degrees of freedom"
+    if not (isinstance(df, int) and df >= 1): raise DataError(f"df must be a whole number ≥ 1, got {df!r}")
+    if t != t: return float('nan')
+    t = abs(float(t))
+    if math.isinf(t): return 0.
+    # the density, integrated from 0 to |t| over x = t·u (Simpson's rule on 20001 points: error far below 1e-8)
+    c = math.exp(math.lgamma((df + 1)/2) - math.lgamma(df/2)) / math.sqrt(df*math.pi)
+    u = np.linspace(0., 1., 20001); x = t*u
+    f = c*(1 + x*x/df)**(-(df + 1)/2)
+    h = t/(len(u) - 1)
+    area = h/3*(f[0] + f[-1] + 4*f[1:-1:2].sum() + 2*f[2:-1:2].sum())
+    return float(min(1., max(0., 1 - 2*area)))
+
+def paired_differences(runs:pd.DataFrame, # one row per run (runs.csv): name, arch, variant, seed and the metric
+                       metric:str='dice', # the column to compare
+                       pairs=None) -> pd.DataFrame: # (a, b) names to compare as a − b (default: pretrained − scratch twin, each − 'unet')
+    "Per-seed differences of `metric` between configurations, on the seeds both have: mean ± std and a paired t-test"
+    if metric not in runs.columns: raise DataError(f"runs have no column {metric!r}: expected one of {list(runs.columns)}")
+    cfg = runs.drop_duplicates('name').set_index('name')
+    if pairs is None:
+        pairs = [(n, s) for n, r in cfg.iterrows() if r['variant'] != 'scratch'
+                 for s, q in cfg.iterrows() if q['variant'] == 'scratch' and q['arch'] == r['arch']]
+        pairs += [(n, 'unet') for n in cfg.index if n != 'unet' and 'unet' in cfg.index]
+    out = []
+    for a, b in pairs:
+        for n in (a, b):
+            if n not in cfg.index: raise DataError(f"no runs of {n!r} to compare: the runs are of {list(cfg.index)}")
+        va, vb = (runs[runs['name'] == n].set_index('seed')[metric] for n in (a, b))
+        for n, v in ((a, va), (b, vb)):
+            if v.index.duplicated().any(): raise DataError(f"{n} has more than one run of seed(s) {sorted({int(x) for x in v.index[v.index.duplicated()]})}: one run per seed is paired")
+        seeds = sorted(set(va.index) & set(vb.index))
+        d = np.array([va[s] - vb[s] for s in seeds], dtype=float)
+        k = len(d)
+        if not k: raise DataError(f"{a} and {b} have no seed in common ({sorted(int(x) for x in va.index)} and {sorted(int(x) for x in vb.index)}): nothing to pair")
+        sd = float(d.std(ddof=1)) if k > 1 else float('nan')
+        t = float(d.mean()/(sd/math.sqrt(k))) if k > 1 and sd > 0 else (float('inf')*np.sign(d.mean()) if k > 1 and d.mean() else float('nan'))
+        out.append({'comparison': f"{a} − {b}", 'seeds': k, 'per seed': ', '.join(f"{x:+.4f}" for x in d),
+                    f'mean {metric} difference': f"{d.mean():+.4f}" + (f" ± {sd:.4f}" if k > 1 else ''),
+                    'first better in': f"{int((d > 0).sum())} of {k} seeds",
+                    't': round(t, 2) if t == t else None,
+                    'p (paired t, two-sided)': round(t_pvalue(t, k - 1), 4) if k > 1 and t == t else None})
+    return pd.DataFrame(out)
+
 # %% ../nbs/18_experiments.ipynb #0d06b11b
 def compare_dir(epochs:int, # epochs of every run
                 images:int=None, # training images per epoch, when not all
@@ -283,7 +369,11 @@ def aggregate(out, # a comparison's folder: from one `compare` call, or from all
     atomic_write(out/'runs.csv', lambda p: runs.to_csv(p, index=False))
     plot_comparison(hists, out/'curves.png')
     atomic_write(out/'results.csv', lambda p: table.to_csv(p, index=False))
-    atomic_write(out/'results.md', lambda p: p.write_text(head + to_markdown(table)))
+    paired = paired_differences(runs) if runs['seed'].nunique() > 1 else None
+    if paired is not None: atomic_write(out/'paired.csv', lambda p: paired.to_csv(p, index=False))
+    tail = ('\n\nPaired per-seed differences of the best validation Dice (paired t-test, two-sided):\n\n'
+            + to_markdown(paired)) if paired is not None and len(paired) else ''
+    atomic_write(out/'results.md', lambda p: p.write_text(head + to_markdown(table) + tail))
     table.attrs.update(out=str(out), plan=plan, missing=missing)  # where the results went, what was planned, what is not in
     return table
 

@@ -196,7 +196,7 @@ def data_fingerprint(dls) -> str|None:
 
 TRAINING_SETTINGS = ('arch', 'model', 'size', 'scale', 'weights_sha256', 'pretrained', 'variant', 'data', 'layout', 'data_fingerprint',
                      'classes', 'train_items', 'valid_items', 'images_per_epoch', 'bs', 'lr', 'lr_mult', 'seed',
-                     'precision', 'epochs', 'freeze_epochs', 'frozen')  # what changes what a run trains
+                     'precision', 'epochs', 'freeze_epochs', 'frozen', 'wd', 'mixup', 'aug', 'label_smoothing')  # what changes what a run trains
 
 def setting_differences(old:dict, # the recorded settings (a run's `meta`)
                         new:dict, # the settings asked for now
