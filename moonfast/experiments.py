@@ -39,7 +39,7 @@ def default_imagenet_path() -> Path:
                     "`moonfast synth --tiny` writes a small procedural stand-in")
 
 # %% ../nbs/18_experiments.ipynb #8c5700c2
-CLASSIFIER_RECIPE = dict(epochs=40, lr=4e-3, wd=0.05, mixup=0.2, aug=dict(max_zoom=1.25, max_rotate=15.), label_smoothing=0.1)
+CLASSIFIER_RECIPE = dict(epochs=40, lr=4e-3, bs=64, wd=0.05, mixup=0.2, aug=dict(max_zoom=1.25, max_rotate=15.), label_smoothing=0.1)
 
 def _check_recipe(epochs, lr, wd, mixup, aug, label_smoothing):
     "Raise `DataError` naming the first classifier training setting that cannot work"
@@ -73,7 +73,7 @@ def train_classifier(data=None, # Tiny ImageNet folder (default: `default_imagen
                      wnids=DEFAULT_CLASSES, # class ids (default: the course's 10; None: all of wnids.txt)
                      epochs:int=CLASSIFIER_RECIPE['epochs'], # epochs of one-cycle training
                      lr:float=CLASSIFIER_RECIPE['lr'], # peak learning rate
-                     bs:int=128, # batch size
+                     bs:int=CLASSIFIER_RECIPE['bs'], # batch size
                      size:int=128, # image size
                      seed:int=42, # random seed
                      run_dir=None, # where the run is recorded (default models/runs/classifier)
