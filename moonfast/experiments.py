@@ -43,14 +43,15 @@ CLASSIFIER_RECIPE = dict(epochs=40, lr=4e-3, bs=64, wd=0.05, mixup=0.2, aug=dict
 
 def _check_recipe(epochs, lr, wd, mixup, aug, label_smoothing):
     "Raise `DataError` naming the first classifier training setting that cannot work"
-    if not (isinstance(epochs, int) and epochs >= 1): raise DataError(f"epochs must be a whole number ≥ 1, got {epochs!r}")
+    if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1):
+        raise DataError(f"epochs={epochs!r}: expected a whole number ≥ 1")
     for name, v, ok, want in (('lr', lr, lambda v: v > 0, '> 0'), ('wd', wd, lambda v: v >= 0, '≥ 0'),
                               ('mixup', mixup, lambda v: v >= 0, '≥ 0 (0: no MixUp)'),
                               ('label_smoothing', label_smoothing, lambda v: 0 <= v < 1, 'in [0, 1)')):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v or not ok(v):
-            raise DataError(f"{name} must be a number {want}, got {v!r}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not ok(v):
+            raise DataError(f"{name}={v!r}: expected a finite number {want}")
     if not (isinstance(aug, bool) or isinstance(aug, dict)):
-        raise DataError(f"aug must be True, False or a dict of aug_transforms arguments, got {aug!r}")
+        raise DataError(f"aug={aug!r}: expected True, False or a dict of aug_transforms arguments")
 
 def record_tta(learn:Learner, # a trained classifier learner
                run_dir, # its run folder: the result is added to its summary.json as `tta`
