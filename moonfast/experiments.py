@@ -14,7 +14,7 @@ from .data.seg import seg_dls
 from .synth import make_lunar_dataset
 from .models import resnet_course, resnet_body, CLASSIFIER_WEIGHTS
 from .learners import classifier_learner, seg_learner, resolve_precision
-from .train import train_run, data_fingerprint, setting_differences, sync_run
+from .train import train_run, data_fingerprint, setting_differences, sync_run, check_number
 from .budget import (COMPARE_EPOCHS, COMPARE_SEEDS, MIN_EPOCHS, frozen_epochs, EpochSample, parse_budget, fmt_seconds,
                             run_seconds, plan_comparison, measure_costs, plan_text, RunProgress, cpu_name,
                             parse_shard, shard_runs, merge_plans)
@@ -45,11 +45,10 @@ def _check_recipe(epochs, lr, wd, mixup, aug, label_smoothing):
     "Raise `DataError` naming the first classifier training setting that cannot work"
     if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1):
         raise DataError(f"epochs={epochs!r}: expected a whole number ≥ 1")
-    for name, v, ok, want in (('lr', lr, lambda v: v > 0, '> 0'), ('wd', wd, lambda v: v >= 0, '≥ 0'),
-                              ('mixup', mixup, lambda v: v >= 0, '≥ 0 (0: no MixUp)'),
-                              ('label_smoothing', label_smoothing, lambda v: 0 <= v < 1, 'in [0, 1)')):
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not ok(v):
-            raise DataError(f"{name}={v!r}: expected a finite number {want}")
+    check_number('lr', lr)
+    check_number('wd', wd, lambda v: v >= 0, '≥ 0')
+    check_number('mixup', mixup, lambda v: v >= 0, '≥ 0 (0: no MixUp)')
+    check_number('label_smoothing', label_smoothing, lambda v: 0 <= v < 1, 'in [0, 1)')
     if not (isinstance(aug, bool) or isinstance(aug, dict)):
         raise DataError(f"aug={aug!r}: expected True, False or a dict of aug_transforms arguments")
 

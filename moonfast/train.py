@@ -16,8 +16,8 @@ from .data.core import TileRef
 
 # %% auto #0
 __all__ = ['RUN_FILES', 'TRAINING_SETTINGS', 'ModelInfo', 'save_checkpoint', 'load_checkpoint', 'write_records', 'RunRecorder',
-           'sync_run', 'data_fingerprint', 'setting_differences', 'StopOnNonFinite', 'RunInterrupted', 'train_run',
-           'plot_history']
+           'sync_run', 'data_fingerprint', 'setting_differences', 'StopOnNonFinite', 'RunInterrupted', 'check_number',
+           'train_run', 'plot_history']
 
 # %% ../nbs/16_train.ipynb #64c5f5e9
 class ModelInfo(Callback):
@@ -242,10 +242,16 @@ def _phases(epochs, lr, freeze_epochs, frozen, lr_mult):
 class RunInterrupted(KeyboardInterrupt):
     "Ctrl-C during `train_run`: the message says where the run stands and how to continue it"
 
+def check_number(name:str, # the setting's name, for the message
+                 v, # its value
+                 ok=lambda v: v > 0, # what a finite value must satisfy
+                 want:str='> 0'): # that condition in words
+    "Raise `DataError` ('name=value: expected a finite number ...') unless `v` is a finite int or float that is `ok`"
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+        raise DataError(f"{name}={v!r}: expected a finite number {want}")
+
 def _check_lr(lr, lr_mult):
-    for name, v in (('lr', lr), ('lr_mult', lr_mult)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise DataError(f"{name}={v!r}: expected a finite number > 0")
+    for name, v in (('lr', lr), ('lr_mult', lr_mult)): check_number(name, v)
 
 def _resume_point(ckpt, run_dir, meta, phases, epochs):
     "The (phase, epoch) to continue the run of `ckpt` from; None when it is finished; `DataError` if settings differ"
