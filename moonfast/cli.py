@@ -71,17 +71,18 @@ def _path(p): return None if p in (None, '') else Path(p)
 
 @call_parse
 def synth(n:int=1000, # number of lunar render/mask pairs
-          dest:str=None, # output folder (default data/moon-synth)
+          dest:str=None, # output folder (default data/moon-synth; with --generator 2, data/moon-synth-v2)
           seed:int=0, # dataset seed
           width:int=720, # render width
           height:int=480, # render height
           workers:int=2, # processes
           tiny:store_true=False, # instead, write the small procedural classification set (data/tiny-synth)
-          overwrite:store_true=False): # replace a set made with other parameters
+          overwrite:store_true=False, # replace a set made with other parameters
+          generator:int=None): # lunar generator version: 1 (the first; the default) or 2 (wider randomisation; see nbs/07)
     "Generate the procedural lunar segmentation set (or, with --tiny, the procedural classification set)"
     from moonfast.synth import make_lunar_dataset, make_tiny_classes
     out = (make_tiny_classes(_path(dest), seed=seed, overwrite=overwrite) if tiny else
-           make_lunar_dataset(_path(dest), n=n, seed=seed, size=(height, width), n_workers=workers, overwrite=overwrite))
+           make_lunar_dataset(_path(dest), n=n, seed=seed, size=(height, width), n_workers=workers, overwrite=overwrite, version=generator))
     print(f"wrote {out}")
 
 # %% ../nbs/99_cli.ipynb #8be4536b
@@ -190,7 +191,8 @@ def compare(data:str=None, # segmentation dataset folder (default: the generated
             precision:str='auto', # auto, fp32, bf16 or fp16
             shard:str='', # train only part i of n of the runs into a shared --out, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; needs --epochs or --full (no budget)
             aggregate:str=None, # instead of training: write the results of the comparison in this folder from its run folders
-            partial:store_true=False): # with --aggregate: the results of the finished runs, even when some are missing
+            partial:store_true=False, # with --aggregate: the results of the finished runs, even when some are missing
+            extend:store_true=False): # then train each run on at a constant 1e-4 until its Dice stops improving (no budget: --full or --epochs)
     "Train and compare the U-Nets (plain, DynamicUnet, course ResNet-U-Net; scratch / pretrained A / B), within a time budget"
     started, sds = time.time(), parse_seeds(seeds)
     from moonfast.experiments import compare as cmp, aggregate as agg
@@ -207,16 +209,17 @@ def compare(data:str=None, # segmentation dataset folder (default: the generated
             if epochs is None and not full:
                 raise DataError(f"--shard {shard} needs --epochs (or --full): every shard must train the same plan, and the default "
                                 "20-minute budget would be planned on each machine for itself")
-        bud = None if full or (sh and sh[1] > 1) else ('20m' if budget is None else budget)
+        bud = None if full or (sh and sh[1] > 1) or (extend and budget is None) else ('20m' if budget is None else budget)
         t = cmp(_path(data), _path(out), epochs=epochs, seeds=sds, budget=bud, images=images,
                 configs=[c for c in configs.split(',') if c] or None, n=n, lr=lr, bs=bs, size=size, scale=scale,
-                pretrained=True if pretrained == 'shipped' else Path(pretrained), precision=precision, started=started, shard=sh)
+                pretrained=True if pretrained == 'shipped' else Path(pretrained), precision=precision, started=started, shard=sh,
+                extend=extend)
     o = Path(t.attrs['out'])
     if t.attrs.get('missing') and not aggregate:
         print(f"shard {shard}: its runs are in {o}; once every shard is done, `moonfast compare --aggregate {o}` writes the results")
         return
     print((o/'results.md').read_text())
-    print(f"results in {o}: results.md, results.csv, runs.csv, plan*.json, curves.png, samples-*.png, runs/")
+    print(f"results in {o}: results.md, results.csv, runs.csv, paired.csv, plan*.json, curves.png, pretraining.png, samples-*.png, runs/")
 
 # %% ../nbs/99_cli.ipynb #6111b658
 @call_parse

@@ -8,23 +8,24 @@ import json, math, os, random, time, shutil, tempfile
 from pathlib import Path
 import numpy as np, pandas as pd, torch
 from fastai.vision.all import *
-from .core import DataError, atomic_write, models_path, data_path, find_data, to_markdown
+from .core import DataError, atomic_write, models_path, data_path, find_data, to_markdown, size_hw
 from .data.imagenet import imagenet_dls, read_wnids
 from .data.seg import seg_dls
 from .synth import make_lunar_dataset
 from .models import resnet_course, resnet_body, CLASSIFIER_WEIGHTS
 from .learners import classifier_learner, seg_learner, resolve_precision
-from .train import train_run, data_fingerprint, setting_differences, sync_run, check_number
+from .train import train_run, data_fingerprint, setting_differences, sync_run, check_number, save_checkpoint, _unwrap
 from .budget import (COMPARE_EPOCHS, COMPARE_SEEDS, MIN_EPOCHS, frozen_epochs, EpochSample, parse_budget, fmt_seconds,
                             run_seconds, plan_comparison, measure_costs, plan_text, RunProgress, cpu_name,
                             parse_shard, shard_runs, merge_plans)
 _all_ = ['COMPARE_EPOCHS', 'COMPARE_SEEDS', 'parse_budget', 'plan_comparison']  # the comparison's size, with it
 
 # %% auto #0
-__all__ = ['DEFAULT_CLASSES', 'CLASSIFIER_RECIPE', 'COMPARISON', 'default_imagenet_path', 'record_tta', 'train_classifier',
-           'ship_classifier', 'run_seg', 'plot_samples', 'plot_comparison', 'results_table', 't_pvalue',
-           'paired_differences', 'compare_dir', 'aggregate', 'compare', 'COMPARE_EPOCHS', 'COMPARE_SEEDS',
-           'parse_budget', 'plan_comparison']
+__all__ = ['DEFAULT_CLASSES', 'CLASSIFIER_RECIPE', 'COMPARISON', 'PLATEAU_EPOCHS', 'default_imagenet_path', 'record_tta',
+           'train_classifier', 'ship_classifier', 'run_seg', 'plot_samples', 'plot_comparison', 'plateau',
+           'results_table', 't_pvalue', 'pretrained_pairs', 'paired_differences', 'paired_curves', 'plot_paired_curves',
+           'compare_dir', 'aggregate', 'compare', 'extend_run', 'COMPARE_EPOCHS', 'COMPARE_SEEDS', 'parse_budget',
+           'plan_comparison']
 
 # %% ../nbs/18_experiments.ipynb #162481ee
 DEFAULT_CLASSES = 'n01910747 n02124075 n03854065 n02403003 n09256479 n02415577 n02814533 n04285008 n03796401 n04254777'.split()
@@ -212,12 +213,26 @@ def plot_comparison(histories:dict, # name -> list of history DataFrames (one pe
 
 # %% ../nbs/18_experiments.ipynb #cefd933f
 _COLS = ['valid_loss', 'dice', 'iou', 'pixel_acc']
+PLATEAU_EPOCHS = 5   # a run has stopped improving when the best Dice of its last 5 epochs is no better than the best before
 
-def _row(cfg, seed, s):
+def plateau(history:pd.DataFrame, # a run's history (history.csv): one row per epoch
+            metric:str='dice', # the validation metric to follow
+            k:int=PLATEAU_EPOCHS): # how many last epochs to look at
+    "How a run ended: epochs since its best `metric`, and the gain of its last `k` epochs (their best − the best before them; NaN when it has ≤ `k` epochs)"
+    if metric not in history.columns: raise DataError(f"the history has no column {metric!r}: expected one of {list(history.columns)}")
+    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1): raise DataError(f"k={k!r}: expected a whole number of epochs ≥ 1")
+    v = history[metric].to_numpy(float)
+    if not len(v) or np.isnan(v).all(): raise DataError(f"the history has no {metric} value to follow (empty, or all NaN)")
+    gain = float(np.nanmax(v[-k:]) - np.nanmax(v[:-k])) if len(v) > k and not np.isnan(v[:-k]).all() else float('nan')
+    return {'since_best': int(len(v) - 1 - np.nanargmax(v)), 'last_gain': gain}
+
+def _row(cfg, seed, s, h, x=None):
+    "One run's row of runs.csv from its summary `s`, history `h` and, when it was extended (`extend_run`), the extension's summary `x`"
     b = s['best']
     return {'name': cfg['name'], 'arch': cfg['arch'], 'parameters': s['parameters'], 'pretrained': bool(cfg['pretrained']),
             'variant': cfg['variant'], 'seed': seed, 'epochs': s.get('epochs'), 'images_per_epoch': s.get('images_per_epoch') or 'all',
-            'best_epoch': s['best_epoch'] + 1, **{c: b.get(c) for c in _COLS}, 'sec_per_epoch': s['seconds_per_epoch']}
+            'best_epoch': s['best_epoch'] + 1, **{c: b.get(c) for c in _COLS}, 'sec_per_epoch': s['seconds_per_epoch'], **plateau(h),
+            **({'ext_dice': x['dice'], 'ext_epochs': x['epochs']} if x else {})}
 
 def results_table(runs:pd.DataFrame) -> pd.DataFrame:
     "Aggregate `runs` (one row per run) to one row per configuration: mean ± std over seeds"
@@ -228,6 +243,11 @@ def results_table(runs:pd.DataFrame) -> pd.DataFrame:
              'seeds': len(g), 'best epoch': f"{g['best_epoch'].mean():.1f}"}
         for c, lab in zip(_COLS, ('val loss', 'Dice', 'IoU', 'pixel acc')):
             r[lab] = f"{g[c].mean():.4f} ± {g[c].std(ddof=0):.4f}" if len(g) > 1 else f"{g[c].mean():.4f}"
+        if 'last_gain' in g and g['last_gain'].notna().all():   # runs longer than PLATEAU_EPOCHS: did they stop improving?
+            r[f'Dice gain, last {PLATEAU_EPOCHS} ep'] = f"{g['last_gain'].mean():+.4f}" + (f" ± {g['last_gain'].std(ddof=0):.4f}" if len(g) > 1 else '')
+        if 'ext_dice' in g and g['ext_dice'].notna().all():   # every run extended until its Dice stopped improving
+            r['Dice, trained on'] = f"{g['ext_dice'].mean():.4f}" + (f" ± {g['ext_dice'].std(ddof=0):.4f}" if len(g) > 1 else '')
+            r['extra epochs'] = f"{g['ext_epochs'].mean():.1f}"
         r['s/epoch'] = f"{g['sec_per_epoch'].mean():.1f}"
         out.append(r)
     return pd.DataFrame(out)
@@ -248,16 +268,19 @@ def t_pvalue(t:float, # a t statistic
     area = h/3*(f[0] + f[-1] + 4*f[1:-1:2].sum() + 2*f[2:-1:2].sum())
     return float(min(1., max(0., 1 - 2*area)))
 
+def pretrained_pairs(runs:pd.DataFrame) -> list: # one row per run (or per configuration): name, arch, variant
+    "Each pretrained configuration with its from-scratch twin (same architecture), as (pretrained, scratch) names"
+    cfg = runs.drop_duplicates('name').set_index('name')
+    return [(n, s) for n, r in cfg.iterrows() if r['variant'] != 'scratch'
+            for s, q in cfg.iterrows() if q['variant'] == 'scratch' and q['arch'] == r['arch']]
+
 def paired_differences(runs:pd.DataFrame, # one row per run (runs.csv): name, arch, variant, seed and the metric
                        metric:str='dice', # the column to compare
                        pairs=None) -> pd.DataFrame: # (a, b) names to compare as a − b (default: pretrained − scratch twin, each − 'unet')
     "Per-seed differences of `metric` between configurations, on the seeds both have: mean ± std and a paired t-test"
     if metric not in runs.columns: raise DataError(f"runs have no column {metric!r}: expected one of {list(runs.columns)}")
     cfg = runs.drop_duplicates('name').set_index('name')
-    if pairs is None:
-        pairs = [(n, s) for n, r in cfg.iterrows() if r['variant'] != 'scratch'
-                 for s, q in cfg.iterrows() if q['variant'] == 'scratch' and q['arch'] == r['arch']]
-        pairs += [(n, 'unet') for n in cfg.index if n != 'unet' and 'unet' in cfg.index]
+    if pairs is None: pairs = pretrained_pairs(runs) + [(n, 'unet') for n in cfg.index if n != 'unet' and 'unet' in cfg.index]
     out = []
     for a, b in pairs:
         for n in (a, b):
@@ -277,6 +300,54 @@ def paired_differences(runs:pd.DataFrame, # one row per run (runs.csv): name, ar
                     't': round(t, 2) if t == t else None,
                     'p (paired t, two-sided)': round(t_pvalue(t, k - 1), 4) if k > 1 and t == t else None})
     return pd.DataFrame(out)
+
+# %% ../nbs/18_experiments.ipynb #f1f8ab02
+def paired_curves(histories:dict, # name -> list of history DataFrames with a 'seed' column (as `aggregate` reads them)
+                  a:str, # the first configuration
+                  b:str, # the one it is compared with: the curve is a − b
+                  metric:str='dice') -> pd.DataFrame: # a validation column of the histories
+    "Epoch by epoch, `metric` of `a` minus `b` on the seeds both have: mean, std and the number of seeds where `a` is ahead"
+    runs = {}
+    for n in (a, b):
+        if n not in histories: raise DataError(f"no history of {n!r}: the histories are of {list(histories)}")
+        for h in histories[n]:
+            for c in ('seed', metric):
+                if c not in h.columns: raise DataError(f"a history of {n} has no column {c!r}: expected {metric!r} and 'seed' (as aggregate reads runs)")
+        runs[n] = {int(h['seed'].iloc[0]): h[metric].to_numpy(float) for h in histories[n] if len(h)}
+    seeds = sorted(set(runs[a]) & set(runs[b]))
+    if not seeds: raise DataError(f"{a} and {b} have no seed in common ({sorted(runs[a])} and {sorted(runs[b])}): nothing to pair")
+    if len(lens := {len(runs[n][s]) for n in (a, b) for s in seeds}) > 1:
+        raise DataError(f"{a} and {b} ran for different numbers of epochs ({sorted(lens)}): the curves are paired epoch by epoch")
+    d = np.stack([runs[a][s] - runs[b][s] for s in seeds])
+    return pd.DataFrame({'epoch': np.arange(1, d.shape[1] + 1), 'mean': d.mean(0), 'std': d.std(0),
+                         'seeds': len(seeds), 'ahead': (d > 0).sum(0)})
+
+def plot_paired_curves(curves:dict, # label -> a `paired_curves` DataFrame
+                       fname=None, # save the figure here
+                       metric:str='Dice'): # what the curves are differences of (the axis label)
+    "The difference curves on one axis: mean over seeds, band ± one std, and the zero line (above it, the first is ahead)"
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for lab, c in curves.items():
+        ax.plot(c['epoch'], c['mean'], marker='.', label=lab)
+        if (c['seeds'] > 1).all(): ax.fill_between(c['epoch'], c['mean'] - c['std'], c['mean'] + c['std'], alpha=.15)
+    ax.axhline(0, color='k', lw=.8)
+    ax.set_xlabel('epoch'); ax.set_ylabel(f'validation {metric} difference'); ax.grid(alpha=.3); ax.legend(fontsize=8)
+    ax.set_title(f'{metric} of the first minus the second, same seed (mean over seeds ± std)')
+    fig.tight_layout()
+    if fname is not None: atomic_write(Path(fname), lambda p: fig.savefig(p, dpi=90, format='png'))
+    plt.close(fig)
+    return fig
+
+def _lead_table(curves:dict) -> pd.DataFrame:
+    "The curves at a few epochs (1, 2, 3, 5, then every 5th, and the last): mean difference and seeds ahead; the last epoch ahead on average"
+    rows = []
+    for lab, c in curves.items():
+        n = len(c); at = sorted({e for e in (1, 2, 3, *range(5, n + 1, 5), n) if e <= n})
+        ahead = c.loc[c['mean'] > 0, 'epoch']
+        rows.append({'comparison': lab, **{f'epoch {e}': f"{c['mean'].iloc[e-1]:+.3f} ({c['ahead'].iloc[e-1]}/{c['seeds'].iloc[e-1]})" for e in at},
+                     'last epoch ahead': int(ahead.max()) if len(ahead) else '–'})
+    return pd.DataFrame(rows)
 
 # %% ../nbs/18_experiments.ipynb #0d06b11b
 def compare_dir(epochs:int, # epochs of every run
@@ -344,7 +415,8 @@ def _collect(out):
             done = f"{sm.get('epochs_done')} of {sm.get('epochs')} epochs" if sm else 'not started'
             missing.append(f"{name} ({done}" + (f"; shard {owner[name]}/{n})" if n > 1 else ")")); continue
         for k in _SETTINGS: seen[k].setdefault(json.dumps(_setting(sm, k)), []).append(name)
-        rows.append(_row(cfg, s, sm)); hists.setdefault(cfg['name'], []).append(pd.read_csv(rd/'history.csv'))
+        x = json.loads((rd/'extend'/'summary.json').read_text()) if (rd/'extend'/'summary.json').exists() else None
+        h = pd.read_csv(rd/'history.csv').assign(seed=s); rows.append(_row(cfg, s, sm, h, x)); hists.setdefault(cfg['name'], []).append(h)
     if bad := [f"{k}: " + '; '.join(f"{v} in {', '.join(w)}" for v, w in seen[k].items()) for k in _SETTINGS if len(seen[k]) > 1]:
         raise DataError(f"the runs in {out} were not all trained with the comparison's settings, so they cannot be compared: "
                         f"{' · '.join(bad)}; remove the odd ones' folders under runs/ and run their shards again")
@@ -355,7 +427,7 @@ def _plan_files(out): return [out/'plan.json'] if (out/'plan.json').exists() els
 def aggregate(out, # a comparison's folder: from one `compare` call, or from all the shards of one
               partial:bool=False, # build the results from the finished runs even when some are not finished
              ) -> pd.DataFrame:
-    "Write runs.csv, results.csv, results.md and curves.png of the comparison in `out` from its run folders, without training"
+    "Write runs.csv, results.csv, results.md, curves.png (and paired.csv, pretraining.png) of the comparison in `out` from its run folders, without training"
     out = Path(out)
     rows, hists, missing = _collect(out)
     if missing and not (partial and rows):
@@ -373,6 +445,15 @@ def aggregate(out, # a comparison's folder: from one `compare` call, or from all
     if paired is not None: atomic_write(out/'paired.csv', lambda p: paired.to_csv(p, index=False))
     tail = ('\n\nPaired per-seed differences of the best validation Dice (paired t-test, two-sided):\n\n'
             + to_markdown(paired)) if paired is not None and len(paired) else ''
+    if paired is not None and 'ext_dice' in runs and runs['ext_dice'].notna().all():   # every run extended (`extend_run`)
+        tail += ('\n\nThe same after training on until validation Dice stopped improving (`extend_run`):\n\n'
+                 + to_markdown(paired_differences(runs, 'ext_dice')))
+    seeds = lambda n: set(runs.loc[runs['name'] == n, 'seed'])
+    curves = {f"{a} − {b}": paired_curves(hists, a, b) for a, b in pretrained_pairs(runs) if seeds(a) & seeds(b)}
+    if curves:   # when does pretraining help: epoch by epoch against the from-scratch twin
+        plot_paired_curves(curves, out/'pretraining.png')
+        tail += ('\n\nPretrained minus its from-scratch twin, validation Dice epoch by epoch (mean over seeds; in brackets, '
+                 'the seeds where the pretrained one is ahead):\n\n' + to_markdown(_lead_table(curves)))
     atomic_write(out/'results.md', lambda p: p.write_text(head + to_markdown(table) + tail))
     table.attrs.update(out=str(out), plan=plan, missing=missing)  # where the results went, what was planned, what is not in
     return table
@@ -397,6 +478,7 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
             valid_pct:float=0.2, # validation fraction
             n_samples:int=4, # validation items in each sample figure
             shard=None, # train only part i of n of the runs, 'i/n' or (i, n) (see `shard_runs`); no budget then
+            extend=False, # then train each run on until its Dice stops improving (`extend_run`): True, or a dict of its settings
             started:float=None, # `time.time()` when the budget's clock started (default: now)
             log=print, # progress messages
            ) -> pd.DataFrame:
@@ -404,6 +486,9 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
     t_start, log = (started if started is not None else time.time()), log or (lambda *a: None)
     budget, seeds, shard = parse_budget(budget), _check_seeds(seeds), parse_shard(shard)
     i_sh, n_sh = shard or (0, 1)
+    if extend and budget is not None:
+        raise DataError(f"extend with a {fmt_seconds(budget)} budget: how long each run trains on is not known in advance, so it "
+                        "cannot be planned; extend without a budget (the full comparison, or given epochs)")
     if n_sh > 1 and budget is not None:
         raise DataError(f"shard {i_sh}/{n_sh} with a {fmt_seconds(budget)} budget: a budget is planned on each machine for "
                         "itself, so shards could train different plans; give every shard the same epochs (and images and seeds)")
@@ -458,6 +543,9 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
                 learn = seg_learner(dls, arch=cfg['arch'], precision=precision)
                 learn.model.load_state_dict(torch.load(rd/'best.pth', weights_only=True))
             plot_samples(learn, n_samples, out/f"samples-{cfg['name']}.png", title=cfg['name'])
+        if extend:
+            x = extend_run(dls, rd, precision=precision, **(extend if isinstance(extend, dict) else {}))
+            log(f"{cfg['name']} seed {seed} trained on: Dice {x['run_dice']:.4f} → {x['dice']:.4f} in {x['epochs']} more epochs ({x['stopped']})")
         prog.end(k, learn is not None)
     plan['seconds'] = round(time.time() - t_start, 1)
     atomic_write(pf, lambda p: p.write_text(json.dumps(plan, indent=1)))
@@ -467,3 +555,72 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
         table = pd.DataFrame(); table.attrs.update(out=str(out), plan=plan, missing=missing)  # no table yet
         return table
     return aggregate(out)
+
+# %% ../nbs/18_experiments.ipynb #ce3724b5
+class _UntilPlateau(Callback):
+    "Write each epoch of an extension to `ext`, keep its best weights, stop after `patience` epochs without a gain of `min_delta`"
+    order = Recorder.order + 1
+    def __init__(self, ext, best, patience, min_delta):
+        self.ext, self.best, self.ref, self.patience, self.min_delta = Path(ext), best, best, patience, min_delta
+        self.rows, self.wait, self.best_epoch = [], 0, None
+    def before_epoch(self): self.t0 = time.perf_counter()
+    def after_epoch(self):
+        names, vals = list(self.recorder.metric_names[1:-1]), list(self.recorder.values[-1])
+        row = {'epoch': len(self.rows), **{n: (float(v) if v is not None else None) for n, v in zip(names, vals)},
+               'seconds': round(time.perf_counter() - self.t0, 3)}
+        self.rows.append(row); d = row.get('dice')
+        ok = d is not None and math.isfinite(d)
+        if ok and d > self.best:   # the best weights so far, run included
+            self.best, self.best_epoch = d, row['epoch']; save_checkpoint(self.ext/'best.pth', _unwrap(self.learn.model).state_dict())
+        if ok and d >= self.ref + self.min_delta: self.ref, self.wait = d, 0   # an improvement that counts
+        else: self.wait += 1
+        atomic_write(self.ext/'history.csv', lambda p: pd.DataFrame(self.rows).to_csv(p, index=False))
+        if self.wait >= self.patience: raise CancelFitException()
+
+_EXTEND = ('lr', 'patience', 'min_delta', 'max_epochs')
+
+def extend_run(dls, # DataLoaders holding the data the run was trained on (as `seg_dls` made them for it)
+               run_dir, # a finished segmentation run (summary.json, best.pth), e.g. one of a comparison's
+               *,
+               lr:float=1e-4, # constant learning rate
+               patience:int=5, # stop after this many epochs without an improvement of `min_delta`
+               min_delta:float=2e-3, # the Dice gain that counts as an improvement
+               max_epochs:int=25, # at most this many epochs
+               precision:str='auto') -> dict: # see `precision_cbs`
+    "Train a finished run on from its best weights at a constant `lr` until validation Dice stops improving; its summary (written to `run_dir`/extend)"
+    rd = Path(run_dir); f = rd/'summary.json'
+    s = json.loads(f.read_text()) if f.exists() else None
+    if s is None or s.get('epochs_done') != s.get('epochs') or not (rd/'best.pth').exists():
+        raise DataError(f"{rd} does not hold a finished run (summary.json with all its epochs, and best.pth): finish it first")
+    check_number('lr', lr)
+    check_number('min_delta', min_delta, lambda v: v >= 0, '≥ 0')
+    for k, v in (('patience', patience), ('max_epochs', max_epochs)):
+        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1): raise DataError(f"{k}={v!r}: expected a whole number of epochs ≥ 1")
+    made = (tuple(getattr(dls, 'img_size', None) or ()), getattr(dls, 'scale', None))
+    if s.get('size') is not None and made != (size_hw(s['size']), s.get('scale')):
+        raise DataError(f"{rd.name} was trained at size {size_hw(s['size'])}, scale {s.get('scale')}; these DataLoaders make size "
+                        f"{made[0] or 'unknown'}, scale {made[1]}: build them as the run was built (`seg_dls`)")
+    if s.get('data_fingerprint') and s['data_fingerprint'] != data_fingerprint(dls):
+        raise DataError(f"the DataLoaders do not hold the data {rd.name} was trained on (their content differs from its summary's "
+                        f"data_fingerprint): build them as the run was built ({s.get('data')}, size {s.get('size')}, the same split)")
+    ext = rd/'extend'; settings = dict(lr=lr, patience=patience, min_delta=min_delta, max_epochs=max_epochs)
+    if (ext/'summary.json').exists():
+        done = json.loads((ext/'summary.json').read_text())
+        if diff := [f"{k}: {done.get(k)} there, {v} here" for k, v in settings.items() if done.get(k) != v]:
+            raise DataError(f"{ext} holds an extension with other settings ({'; '.join(diff)}): use those, or remove {ext} to extend anew")
+        return done
+    shutil.rmtree(ext, ignore_errors=True); ext.mkdir()   # a half-done extension (killed) starts over
+    seed = s.get('seed', 0); set_seed(seed, reproducible=True); dls.train.rng = random.Random(seed)
+    learn = seg_learner(dls, arch=s['arch'], precision=precision)
+    learn.model.load_state_dict(torch.load(rd/'best.pth', weights_only=True))
+    if s.get('variant') == 'A': learn.freeze()
+    start = s['best']['dice']
+    cb = _UntilPlateau(ext, start, patience, min_delta)
+    learn.fit(max_epochs, lr, cbs=[cb])
+    best = next((r for r in cb.rows if r['epoch'] == cb.best_epoch), None)
+    out = {**settings, 'precision': resolve_precision(precision), 'run_dice': start, 'dice': cb.best, 'gain': cb.best - start,
+           'epochs': len(cb.rows), 'stopped': 'plateau' if cb.wait >= patience else 'max_epochs',
+           'best_epoch': cb.best_epoch, 'best': {k: v for k, v in (best or s['best']).items() if k != 'epoch'},
+           'seconds_per_epoch': round(float(np.median([r['seconds'] for r in cb.rows])), 3)}
+    atomic_write(ext/'summary.json', lambda p: p.write_text(json.dumps(out, indent=1)))
+    return out

@@ -4,14 +4,14 @@
 
 # %% ../nbs/09_metrics.ipynb #3ac1d6f6
 from __future__ import annotations
-import torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
+import numpy as np, torch, torch.nn as nn, torch.nn.functional as F, torch.distributed as dist
 from torch import Tensor
 from fastai.learner import Metric
 from fastai.torch_core import TensorBase, TensorMask
 from .core import DataError
 
 # %% auto #0
-__all__ = ['binary_pred', 'confusion_counts', 'dice_from_counts', 'iou_from_counts', 'pixel_acc_from_counts',
+__all__ = ['binary_pred', 'confusion_counts', 'dice_from_counts', 'iou_from_counts', 'pixel_acc_from_counts', 'mask_dice',
            'sum_across_processes', 'real_items', 'BinarySegMetric', 'BinaryDice', 'BinaryIoU', 'PixelAccuracy',
            'seg_metrics', 'BCEDiceLoss']
 
@@ -38,10 +38,14 @@ def confusion_counts(logits:Tensor, # (bs, 1, h, w) or (bs, h, w) logits
     "Counts `[tp, fp, fn, tn]` of the thresholded prediction against `targ`, as a float64 tensor"
     pred, targ = binary_pred(logits, thresh), _plain(targ)
     if targ.ndim == 4 and targ.shape[1] == 1: targ = targ[:, 0]
+    return _mask_counts(pred, targ)
+
+def _mask_counts(pred:Tensor, targ:Tensor, what:str='') -> Tensor:
+    "Counts `[tp, fp, fn, tn]` of boolean `pred` against 0/1 `targ` of the same shape (`what` names them in errors)"
     if pred.shape != targ.shape:
-        raise DataError(f"prediction {tuple(pred.shape)} and target {tuple(targ.shape)} masks differ in shape")
+        raise DataError(f"{what}prediction {tuple(pred.shape)} and target {tuple(targ.shape)} masks differ in shape")
     if targ.numel() and (targ.min() < 0 or targ.max() > 1):
-        raise DataError(f"target mask must hold 0/1, found values in [{targ.min().item()}, {targ.max().item()}] "
+        raise DataError(f"{what}target mask must hold 0/1, found values in [{targ.min().item()}, {targ.max().item()}] "
                         "(a 0/255 mask must be divided by 255 first)")
     t = targ.bool()
     tp = (pred & t).sum(); fp = (pred & ~t).sum(); fn = (~pred & t).sum(); tn = (~pred & ~t).sum()
@@ -65,6 +69,19 @@ def pixel_acc_from_counts(c:Tensor) -> float|None:
     tp, fp, fn, tn = c.tolist()
     n = tp + fp + fn + tn
     return None if n == 0 else (tp + tn) / n
+
+# %% ../nbs/09_metrics.ipynb #8f7308d5
+def mask_dice(preds, # predicted masks (bool or 0/1), one (h, w) array or a list of them
+              targs) -> float|None: # the true masks (0/1), in the same order and of the same sizes
+    "Dice pooled over all pixels of all the masks (numpy arrays or tensors; each pair of one size); 1 when all are empty"
+    preds, targs = ([x] if getattr(x, 'ndim', None) == 2 else list(x) for x in (preds, targs))
+    if len(preds) != len(targs): raise DataError(f"{len(preds)} predicted masks for {len(targs)} true ones: expected one per image")
+    c = torch.zeros(4, dtype=torch.float64)
+    for i, (p, t) in enumerate(zip(preds, targs)):
+        p, t = (_plain(torch.as_tensor(np.asarray(x))) for x in (p, t))
+        if p.numel() and (p.min() < 0 or p.max() > 1): raise DataError(f"mask {i}: the prediction must hold 0/1 or bools, found values up to {p.max().item()}")
+        c += _mask_counts(p.bool(), t, f"mask {i}: ")
+    return dice_from_counts(c)
 
 # %% ../nbs/09_metrics.ipynb #realitems01
 def sum_across_processes(t:Tensor) -> Tensor: # the same shape in every process

@@ -14,7 +14,7 @@ from fastcore.parallel import parallel
 from .core import *
 
 # %% auto #0
-__all__ = ['lunar_scene', 'scene_seed', 'make_lunar_dataset', 'make_tiny_classes']
+__all__ = ['SYNTH_VERSIONS', 'lunar_scene', 'scene_seed', 'make_lunar_dataset', 'make_tiny_classes']
 
 # %% ../nbs/07_synth.ipynb #1663084c
 def _periodic_noise(rng, n=256, beta=2.0):
@@ -60,22 +60,36 @@ def _harmonics(th, amp, ph):
     return r
 
 # %% ../nbs/07_synth.ipynb #fabe6e47
-def _scene_setup(rng, W, H):
-    "Camera, sun and exposure of one scene, drawn from `rng`"
-    f, hc, yh = W*rng.uniform(0.75, 1.05), 1.6, H*rng.uniform(0.22, 0.42)
-    elev, az = np.deg2rad(rng.uniform(7, 30)), np.deg2rad(rng.choice([-1, 1])*rng.uniform(45, 150))
+def _scene_setup(rng, W, H, v2=False):
+    "Camera, sun and exposure of one scene, drawn from `rng`; `v2`: version 2's wider ranges, haze and camera response"
+    f, hc, yh = W*rng.uniform(0.75, 1.05), 1.6, H*rng.uniform(*((0.15, 0.45) if v2 else (0.22, 0.42)))
+    elev, az = np.deg2rad(rng.uniform(*((5, 40) if v2 else (7, 30)))), np.deg2rad(rng.choice([-1, 1])*rng.uniform(45, 150))
     S = np.array([np.cos(elev)*np.sin(az), np.sin(elev), np.cos(elev)*np.cos(az)])
     g_alb = rng.uniform(0.8, 1.2)
     y0 = int(np.ceil(yh))
     Zrow = (f*hc/(np.arange(y0, H) + 0.5 - yh)).astype(np.float32)   # ground depth of each screen row below the horizon
     Xg = ((np.arange(W) + 0.5 - W/2)[None]*Zrow[:,None]/f).astype(np.float32)
-    return dict(W=W, H=H, f=f, hc=hc, yh=yh, cx=W/2, S=S, g_alb=g_alb, expo=rng.uniform(0.3, 0.45)/(g_alb*S[1]),
-                amb=0.03*S[1], y0=y0, Hg=H-y0, Zrow=Zrow, Xg=Xg, Zg=np.broadcast_to(Zrow[:,None], Xg.shape),
-                d_near=Zrow[-1], d_max=min(f*hc/max(H*0.015, 1.), 400.))
+    sc = dict(W=W, H=H, f=f, hc=hc, yh=yh, cx=W/2, S=S, g_alb=g_alb, expo=rng.uniform(*((0.2, 0.65) if v2 else (0.3, 0.45)))/(g_alb*S[1]),
+              amb=0.03*S[1], y0=y0, Hg=H-y0, Zrow=Zrow, Xg=Xg, Zg=np.broadcast_to(Zrow[:,None], Xg.shape),
+              d_near=Zrow[-1], d_max=min(f*hc/max(H*0.015, 1.), 400.), v2=v2)
+    if v2:   # (drawn after everything version 1 draws, so version 1 scenes stay exactly as they were)
+        sc.update(haze=rng.uniform(0, 0.4)*(rng.random() < 0.7), haze_d=rng.uniform(15, 80), haze_lvl=rng.uniform(0.6, 1.3),
+                  gamma=rng.uniform(0.75, 1.3), blur=rng.uniform(0.3, 1.1), noise=rng.uniform(0.5, 5.))
+    return sc
 
 # %% ../nbs/07_synth.ipynb #52e27a5d
+def _terrain_shadow(hgt, S, relief, texel, steps=24, step=1.5):
+    "Where the periodic height field `hgt` (unit std, scaled to `relief` m; `texel` m per cell) hides the sun: [0, 1], soft over 5 cm"
+    h = hgt[::2, ::2]*relief; m, cell = h.shape[0], 2*texel             # at half resolution: shadows are metres long
+    d = np.hypot(S[0], S[2]); dz, dx, rise = S[2]/d, S[0]/d, S[1]/d      # along the ground toward the sun; tan(elevation)
+    t = (np.arange(1, steps + 1)*step).astype(np.float32)[:, None, None]  # distance marched, in cells
+    ii, jj = np.mgrid[0:m, 0:m].astype(np.float32)
+    ahead = ndi.map_coordinates(h, [(ii + t*dz).ravel(), (jj + t*dx).ravel()], order=1, mode='grid-wrap').reshape(steps, m, m)
+    sh = np.clip((ahead - h - t*cell*rise).max(0)/0.05, 0, 1)             # the terrain toward the sun rises above the ray
+    return np.repeat(np.repeat(sh, 2, 0), 2, 1)
+
 def _ground_relief(rng, sc):
-    "Slope shading term (Hg×W, same units as S[1]) and albedo (Hg×W) of the ground below the horizon"
+    "Slope shading term (Hg×W, same units as S[1]), albedo (Hg×W) and, in version 2, terrain shadow (Hg×W, else None) of the ground"
     S, f, W = sc['S'], sc['f'], sc['W']
     hgt, alb = _periodic_noise(rng, 256, rng.uniform(1.6, 2.0))
     gz, gx = np.gradient(np.tile(hgt, (3, 3)))   # tiled so that the gradient wraps around
@@ -87,12 +101,17 @@ def _ground_relief(rng, sc):
         fade = np.clip((texel*f/sc['Zrow'] - 0.5)/0.5, 0, 1)   # texel size in pixels, per row
         X0, Z0 = -512*texel + rng.uniform(0, 256*texel), sc['d_near']*0.5 - rng.uniform(0, 256*texel)
         rel += amp*warp(big, texel=texel, X0=X0, Z0=Z0)*fade[:,None]
+    X3, Z3, fade3 = X0, Z0, fade   # the 30 cm scale: its terrain casts the shadows
     rel *= S[1]*rng.uniform(0.35, 0.6)/rel[-100:].std()
     abt = warp(np.tile(alb, (4, 4)), texel=rng.uniform(0.3, 1.0), X0=-512*0.6, Z0=sc['d_near']*0.5)
     albedo = sc['g_alb']*(1 + rng.uniform(0.1, 0.25)*np.tanh(1.5*abt - rng.uniform(0.5, 1.2)))
     grain = _resize_noise(rng, (sc['Hg']//2 + 1, W//2), (sc['Hg'], W), Image.Resampling.BILINEAR)
     grain = 1 + rng.uniform(0.1, 0.25)*grain*np.clip(sc['d_near']*3/sc['Zrow'], 0.2, 1)[:,None]
-    return rel, albedo*grain
+    tsh = None
+    if sc['v2']:   # the relief's own shadows: hollows behind ridges, from a relief of 0.2–1.5 m (std) at the 30 cm scale
+        tsh = _terrain_shadow(hgt, S, rng.uniform(0.2, 1.5), 0.3)
+        tsh = rng.uniform(0.7, 0.95)*warp(np.tile(tsh, (4, 4)), texel=0.3, X0=X3, Z0=Z3)*fade3[:,None]
+    return rel, albedo*grain, tsh
 
 # %% ../nbs/07_synth.ipynb #790c5703
 def _craters(rng, sc):
@@ -127,10 +146,16 @@ def _craters(rng, sc):
 # %% ../nbs/07_synth.ipynb #44b02b65
 def _rocks(rng, sc):
     "Per-rock parameters (a dict of arrays, one entry per visible rock)"
-    f, W, d_near, d_max = sc['f'], sc['W'], sc['d_near'], sc['d_max']
-    nrk = rng.poisson((W/2/f)*(d_max**2 - d_near**2)*rng.uniform(0.15, 0.6))
+    f, W, d_near, d_max, v2 = sc['f'], sc['W'], sc['d_near'], sc['d_max'], sc['v2']
+    nrk = rng.poisson((W/2/f)*(d_max**2 - d_near**2)*rng.uniform(*((0.1, 0.9) if v2 else (0.15, 0.6))))
     Z = np.sqrt(rng.uniform(d_near**2*0.7, d_max**2, nrk))
     X = rng.uniform(-1.1, 1.1, nrk)*Z*(W/2)/f
+    if v2 and nrk and (ncl := rng.integers(0, 6)):   # version 2: a share of the rocks gathered in up to 5 clusters
+        Zc = np.sqrt(rng.uniform(d_near**2*2, (d_max/2)**2, ncl)); Xc = rng.uniform(-0.9, 0.9, ncl)*Zc*(W/2)/f
+        spread, c = rng.uniform(1, 6, ncl), rng.integers(0, ncl, nrk)
+        moved = rng.random(nrk) < rng.uniform(0.2, 0.6)
+        Z = np.where(moved, np.maximum(Zc[c] + spread[c]*rng.standard_normal(nrk), d_near*0.7), Z)
+        X = np.where(moved, Xc[c] + spread[c]*rng.standard_normal(nrk), X)
     R = np.minimum(0.04*rng.uniform(0, 1, nrk)**(-1/rng.uniform(1.9, 2.4)), 1.2)
     R = np.minimum(R, 0.06*W*Z/f)                     # no giant rock right in front of the camera
     nb = rng.integers(0, 3)                            # boulders, up to ~12% of the width
@@ -140,11 +165,12 @@ def _rocks(rng, sc):
     keep = R*f/Z > 0.9
     Z, X, R = Z[keep], X[keep], R[keep]
     n, K = len(R), 4
-    rk = dict(X=X, Z=Z, R=R, a1=rng.uniform(0.8, 1.3, n), a2=rng.uniform(0.5, 1.0, n), a3=rng.uniform(0.8, 1.3, n))
+    rk = dict(X=X, Z=Z, R=R, a1=rng.uniform(0.8, 1.3, n), a2=rng.uniform(*((0.35, 1.0) if v2 else (0.5, 1.0)), n), a3=rng.uniform(0.8, 1.3, n))
     rk['hb'] = -rng.uniform(0.0, 0.55, n)*R*rk['a2']   # height of the centre: negative, partly buried
-    rk['alb'] = sc['g_alb']*rng.uniform(0.75, 1.7, n)*rng.uniform(0.85, 1.15)
-    rk['hamp'] = rng.uniform(0, 0.1, (n, K))/np.sqrt(np.arange(1, K+1)); rk['hph'] = rng.uniform(0, 2*np.pi, (n, K))
+    rk['alb'] = sc['g_alb']*rng.uniform(*((0.7, 2.4) if v2 else (0.75, 1.7)), n)*rng.uniform(0.85, 1.15)
+    rk['hamp'] = rng.uniform(0, 0.22 if v2 else 0.1, (n, K))/np.sqrt(np.arange(1, K+1)); rk['hph'] = rng.uniform(0, 2*np.pi, (n, K))
     rk['fk'] = rng.uniform(2, 6, (n, 2, 2))*rng.choice([-1, 1], (n, 2, 2)); rk['fph'] = rng.uniform(0, 2*np.pi, (n, 2))
+    rk['facet'] = rng.uniform(0.15, 0.6, n) if v2 else np.full(n, 0.35)   # how strongly the facets bend the normals
     # screen centre and semi-axes; the ground line `vcut` (in units of ry below the centre), which bulges downward
     # where the rock's footprint comes nearer to the camera
     rk['rx'], rk['ry'] = f*R*rk['a1']/Z, f*R*rk['a2']/Z
@@ -206,8 +232,8 @@ def _draw_rocks(rng, rk, sc, rad):
         alpha = np.clip(inside + 0.5, 0, 1)
         ok = ok & (alpha > 0)
         nz = np.sqrt(np.clip(1 - q2, 0, 1))
-        nu = u/rho + 0.35*np.sin(e(rk['fk'][:,0,0])*u + e(rk['fk'][:,0,1])*v + e(rk['fph'][:,0]))
-        nv = v/rho + 0.35*np.sin(e(rk['fk'][:,1,0])*u + e(rk['fk'][:,1,1])*v + e(rk['fph'][:,1]))
+        nu = u/rho + e(rk['facet'])*np.sin(e(rk['fk'][:,0,0])*u + e(rk['fk'][:,0,1])*v + e(rk['fph'][:,0]))
+        nv = v/rho + e(rk['facet'])*np.sin(e(rk['fk'][:,1,0])*u + e(rk['fk'][:,1,1])*v + e(rk['fph'][:,1]))
         # screen normal (u right, v down, toward the camera) in world axes is (nu, -nv, -nz)
         lam = np.maximum((nu*S[0] - nv*S[1] - nz*S[2])/(np.sqrt(nu*nu + nv*nv + nz*nz) + 1e-6), 0)
         col = e(rk['alb'])*(lam + 0.04)*(1 + 0.15*rng.standard_normal(lam.shape, np.float32)) + sc['amb']
@@ -230,19 +256,31 @@ def _hills(rng, sc):
     W, H, S = sc['W'], sc['H'], sc['S']
     knots = rng.standard_normal(rng.integers(3, 9)).astype(np.float32)[None]
     prof = np.asarray(Image.fromarray(knots, 'F').resize((W, 1), Image.Resampling.BICUBIC))[0]
-    hill = np.maximum(prof + rng.uniform(-0.5, 1.0), 0)*H*rng.uniform(0.02, 0.08)
+    hill = np.maximum(prof + rng.uniform(-0.5, 1.0), 0)*H*rng.uniform(0.02, 0.14 if sc['v2'] else 0.08)
     lit = np.clip(S[1]*rng.uniform(1.0, 2.0) - np.gradient(hill)*S[0]*2 - 0.3*S[2], 0.1*S[1], None)
     tex = 1 + 0.15*_resize_noise(rng, (H//8, W//8), (H, W))
     return hill, sc['g_alb']*lit[None]*tex
 
+SYNTH_VERSIONS = (1, 2)   # 1: the first generator; 2: wider randomisation (terrain shadows, haze, clusters, camera response)
+_SYNTH_VERSION = 1   # the default: trained on version 2, U-Nets did worse on the real render (31_segmentation.ipynb)
+
+def _check_version(version):
+    "The generator version to use: `version`, or the default when None"
+    if version is None: return _SYNTH_VERSION
+    if isinstance(version, bool) or version not in SYNTH_VERSIONS:
+        raise DataError(f"version={version!r}: expected one of the generator's versions {SYNTH_VERSIONS} (or None: the default, {_SYNTH_VERSION})")
+    return int(version)
+
 def lunar_scene(seed:int, # scene seed: the same seed gives the same scene
                 size=(480, 720), # (height, width) of the render, or an int for a square
-                layers:bool=False): # also return a dict of intermediate layers (shadow, crater, sky)
+                layers:bool=False, # also return a dict of intermediate layers (shadow, crater, sky; terrain_shadow in version 2)
+                version:int=None): # generator version: 1 (the first, the default) or 2 (wider randomisation)
     "A procedural lunar render (H×W×3 uint8) and its rock mask (H×W uint8, 0/1)"
     H, W = size_hw(size)
+    v2 = _check_version(version) >= 2
     rng = np.random.default_rng(seed)
-    sc = _scene_setup(rng, W, H)
-    rel, albedo = _ground_relief(rng, sc)
+    sc = _scene_setup(rng, W, H, v2)
+    rel, albedo, tsh = _ground_relief(rng, sc)
     crater, cdark = _craters(rng, sc)
     rk = _rocks(rng, sc)
     shadow, foot = _cast_shadows(rk, sc)
@@ -252,18 +290,23 @@ def lunar_scene(seed:int, # scene seed: the same seed gives the same scene
     yy = np.arange(H)[:,None] + 0.5
     rad = np.where((yy > sc['yh'] - hill[None]) & (yy <= sc['y0']), hill_rad, rad)
     mask = _draw_rocks(rng, rk, sc, rad)
+    if v2:   # terrain shadows fall on the rocks too; then haze toward the horizon, brightening and flattening the far ground
+        rad[sc['y0']:] *= 1 - tsh
+        hz = np.full(H, sc['haze']*(1 - np.exp(-sc['d_max']/sc['haze_d'])), np.float32)
+        hz[sc['y0']:] = sc['haze']*(1 - np.exp(-sc['Zrow']/sc['haze_d']))
+        rad = rad*(1 - hz[:,None]) + hz[:,None]*sc['haze_lvl']*sc['g_alb']*sc['S'][1]
     img = 255*(1 - np.exp(-sc['expo']*rad))
-    img = ndi.gaussian_filter(img, rng.uniform(0.5, 0.9)) + rng.uniform(1, 3)*rng.standard_normal((H, W), np.float32)
+    if v2: img = 255*(img/255)**sc['gamma']
+    blur, noise = (sc['blur'], sc['noise']) if v2 else (rng.uniform(0.5, 0.9), rng.uniform(1, 3))
+    img = ndi.gaussian_filter(img, blur) + noise*rng.standard_normal((H, W), np.float32)
     sky = np.broadcast_to(yy < sc['yh'] - hill[None] - 1, (H, W))
     img[sky] = 0
     img = np.repeat(np.clip(img, 0, 255).astype(np.uint8)[..., None], 3, -1)
     if not layers: return img, mask
     full = lambda a: np.r_[np.zeros((sc['y0'], W), a.dtype), a]
-    return img, mask, dict(shadow=full(shadow*~foot), crater=full(cdark), sky=sky)
+    return img, mask, dict(shadow=full(shadow*~foot), crater=full(cdark), sky=sky) | (dict(terrain_shadow=full(tsh)) if v2 else {})
 
 # %% ../nbs/07_synth.ipynb #40c1cd65
-_SYNTH_VERSION = 1
-
 def scene_seed(seed:int, # the dataset's seed
                i:int): # 0-based index of the scene in the dataset
     "The `lunar_scene` seed of scene `i` of a dataset made with `seed`"
@@ -271,9 +314,9 @@ def scene_seed(seed:int, # the dataset's seed
 
 def _write_png(arr, path, **kw): atomic_write(path, lambda p: Image.fromarray(arr).save(p, format='PNG', **kw))
 
-def _write_pair(i, dest, seed, size):
+def _write_pair(i, dest, seed, size, version):
     "Generate scene `i` and write its render and 0/255 mask (file id i+1)"
-    img, mask = lunar_scene(scene_seed(seed, i), size)
+    img, mask = lunar_scene(scene_seed(seed, i), size, version=version)
     _write_png(img, dest/'images'/'render'/f'render{i+1:04d}.png', compress_level=1)
     _write_png(mask*np.uint8(255), dest/'images'/'ground'/f'ground{i+1:04d}.png')
     return i
@@ -291,19 +334,21 @@ def _lunar_params(meta:Path) -> dict|None:
 
 def _pair_paths(dest, i): return dest/'images'/'render'/f'render{i+1:04d}.png', dest/'images'/'ground'/f'ground{i+1:04d}.png'
 
-def make_lunar_dataset(dest=None, # folder to write; default `data_path('moon-synth')`
+def make_lunar_dataset(dest=None, # folder to write; default `data_path('moon-synth')` (version 2: `data_path('moon-synth-v2')`)
                        n:int=1000, # number of pairs
                        seed:int=0, # dataset seed
                        size=(480, 720), # (height, width) of each render, or an int for squares
                        n_workers:int=2, # processes (0 or 1: in this process)
                        progress:bool=True, # show a fastprogress bar
-                       overwrite:bool=False): # replace a set made with other parameters instead of raising
+                       overwrite:bool=False, # replace a set made with other parameters instead of raising
+                       version:int=None): # generator version (see `SYNTH_VERSIONS`); default: 1
     "Write `n` procedural lunar pairs in the binary course layout to `dest` (reusing a complete identical set)"
-    dest = Path(dest) if dest is not None else data_path('moon-synth')
+    version = _check_version(version)
+    dest = Path(dest) if dest is not None else data_path('moon-synth' if version == 1 else f'moon-synth-v{version}')
     if dest.exists() and not dest.is_dir(): raise DataError(f"{dest} is a file: expected a folder for the generated set")
     if n < 1 or n > 9999: raise DataError(f'make_lunar_dataset: n={n}; expected 1 to 9999 pairs (ids have 4 digits)')
     h, w = size_hw(size)
-    params = dict(generator='moonfast.synth.lunar_scene', version=_SYNTH_VERSION, n=int(n), seed=int(seed), height=h, width=w)
+    params = dict(generator='moonfast.synth.lunar_scene', version=version, n=int(n), seed=int(seed), height=h, width=w)
     meta = dest/'moonfast-synth.json'
     old = _lunar_params(meta)
     if old != params and dest.exists() and any(dest.iterdir()):
@@ -317,7 +362,7 @@ def make_lunar_dataset(dest=None, # folder to write; default `data_path('moon-sy
     if not todo: return dest
     atomic_write(meta, lambda p: p.write_text(json.dumps(params, indent=1)))
     for sub in ('render', 'ground'): (dest/'images'/sub).mkdir(parents=True, exist_ok=True)
-    parallel(partial(_write_pair, dest=dest, seed=seed, size=(h, w)), todo,
+    parallel(partial(_write_pair, dest=dest, seed=seed, size=(h, w), version=version), todo,
              n_workers=n_workers if n_workers > 1 else 0, progress=progress, chunksize=4)
     return dest
 
