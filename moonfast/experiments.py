@@ -301,7 +301,7 @@ def paired_differences(runs:pd.DataFrame, # one row per run (runs.csv): name, ar
                     'p (paired t, two-sided)': round(t_pvalue(t, k - 1), 4) if k > 1 and t == t else None})
     return pd.DataFrame(out)
 
-# %% ../nbs/18_experiments.ipynb #f1f8ab02
+# %% ../nbs/18_experiments.ipynb #cc8e9ea9
 def paired_curves(histories:dict, # name -> list of history DataFrames with a 'seed' column (as `aggregate` reads them)
                   a:str, # the first configuration
                   b:str, # the one it is compared with: the curve is a − b
@@ -556,7 +556,7 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
         return table
     return aggregate(out)
 
-# %% ../nbs/18_experiments.ipynb #ce3724b5
+# %% ../nbs/18_experiments.ipynb #b0d923de
 class _UntilPlateau(Callback):
     "Write each epoch of an extension to `ext`, keep its best weights, stop after `patience` epochs without a gain of `min_delta`"
     order = Recorder.order + 1
