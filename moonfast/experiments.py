@@ -14,7 +14,7 @@ from .data.seg import seg_dls
 from .synth import make_lunar_dataset
 from .models import resnet_course, resnet_body, CLASSIFIER_WEIGHTS
 from .learners import classifier_learner, seg_learner, resolve_precision
-from .train import train_run, data_fingerprint, setting_differences, sync_run, check_number, save_checkpoint, _unwrap
+from .train import train_run, data_fingerprint, setting_differences, sync_run, check_number, save_checkpoint, _unwrap, _epoch_values
 from .budget import (COMPARE_EPOCHS, COMPARE_SEEDS, MIN_EPOCHS, frozen_epochs, EpochSample, parse_budget, fmt_seconds,
                             run_seconds, plan_comparison, measure_costs, plan_text, RunProgress, cpu_name,
                             parse_shard, shard_runs, merge_plans)
@@ -213,6 +213,9 @@ def plot_comparison(histories:dict, # name -> list of history DataFrames (one pe
 
 # %% ../nbs/18_experiments.ipynb #cefd933f
 _COLS = ['valid_loss', 'dice', 'iou', 'pixel_acc']
+def _check_epochs(name, v):
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1): raise DataError(f"{name}={v!r}: expected a whole number of epochs ≥ 1")
+
 PLATEAU_EPOCHS = 5   # a run has stopped improving when the best Dice of its last 5 epochs is no better than the best before
 
 def plateau(history:pd.DataFrame, # a run's history (history.csv): one row per epoch
@@ -220,7 +223,7 @@ def plateau(history:pd.DataFrame, # a run's history (history.csv): one row per e
             k:int=PLATEAU_EPOCHS): # how many last epochs to look at
     "How a run ended: epochs since its best `metric`, and the gain of its last `k` epochs (their best − the best before them; NaN when it has ≤ `k` epochs)"
     if metric not in history.columns: raise DataError(f"the history has no column {metric!r}: expected one of {list(history.columns)}")
-    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1): raise DataError(f"k={k!r}: expected a whole number of epochs ≥ 1")
+    _check_epochs('k', k)
     v = history[metric].to_numpy(float)
     if not len(v) or np.isnan(v).all(): raise DataError(f"the history has no {metric} value to follow (empty, or all NaN)")
     gain = float(np.nanmax(v[-k:]) - np.nanmax(v[:-k])) if len(v) > k and not np.isnan(v[:-k]).all() else float('nan')
@@ -565,9 +568,7 @@ class _UntilPlateau(Callback):
         self.rows, self.wait, self.best_epoch = [], 0, None
     def before_epoch(self): self.t0 = time.perf_counter()
     def after_epoch(self):
-        names, vals = list(self.recorder.metric_names[1:-1]), list(self.recorder.values[-1])
-        row = {'epoch': len(self.rows), **{n: (float(v) if v is not None else None) for n, v in zip(names, vals)},
-               'seconds': round(time.perf_counter() - self.t0, 3)}
+        row = {'epoch': len(self.rows), **_epoch_values(self.recorder), 'seconds': round(time.perf_counter() - self.t0, 3)}
         self.rows.append(row); d = row.get('dice')
         ok = d is not None and math.isfinite(d)
         if ok and d > self.best:   # the best weights so far, run included
@@ -594,8 +595,7 @@ def extend_run(dls, # DataLoaders holding the data the run was trained on (as `s
         raise DataError(f"{rd} does not hold a finished run (summary.json with all its epochs, and best.pth): finish it first")
     check_number('lr', lr)
     check_number('min_delta', min_delta, lambda v: v >= 0, '≥ 0')
-    for k, v in (('patience', patience), ('max_epochs', max_epochs)):
-        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1): raise DataError(f"{k}={v!r}: expected a whole number of epochs ≥ 1")
+    for k, v in (('patience', patience), ('max_epochs', max_epochs)): _check_epochs(k, v)
     made = (tuple(getattr(dls, 'img_size', None) or ()), getattr(dls, 'scale', None))
     if s.get('size') is not None and made != (size_hw(s['size']), s.get('scale')):
         raise DataError(f"{rd.name} was trained at size {size_hw(s['size'])}, scale {s.get('scale')}; these DataLoaders make size "

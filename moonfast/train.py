@@ -82,6 +82,11 @@ def write_records(run_dir, # the run's folder
     atomic_write(run_dir/'summary.json', lambda p: p.write_text(text))
 
 # %% ../nbs/16_train.ipynb #a18b9124
+def _epoch_values(recorder) -> dict:
+    "The losses and metrics of the epoch that fastai's `recorder` has just logged, by name, as floats (None where missing)"
+    names, vals = list(recorder.metric_names[1:-1]), list(recorder.values[-1])
+    return {n: (float(v) if v is not None else None) for n, v in zip(names, vals)}
+
 class RunRecorder(TrackerCallback):
     "Write the history, summary, best and last checkpoints of a run to `run_dir` after every epoch (atomically, on rank 0)"
     order = TrackerCallback.order
@@ -116,9 +121,7 @@ class RunRecorder(TrackerCallback):
 
     def after_epoch(self):
         if self._skipped: return
-        names, vals = list(self.recorder.metric_names[1:-1]), list(self.recorder.values[-1])
-        row = {'epoch': len(self.history), 'phase': self.phase, 'phase_epoch': self.epoch,
-               **{n: (float(v) if v is not None else None) for n, v in zip(names, vals)},
+        row = {'epoch': len(self.history), 'phase': self.phase, 'phase_epoch': self.epoch, **_epoch_values(self.recorder),
                'seconds': round(time.perf_counter() - self._t0, 3)}
         self.history.append(row)
         self.new_best = False
