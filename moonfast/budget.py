@@ -175,6 +175,8 @@ def plan_text(plan:dict) -> str:
     if n > 1: s += f"; split into {n} shards"
     if plan.get('seconds') is not None:
         s += f"; the slowest shard took {fmt_seconds(plan['seconds'])}" if n > 1 else f"; took {fmt_seconds(plan['seconds'])} in all"
+    if plan.get('extend_seconds') is not None:
+        s += f"; training on until Dice stopped improving took {fmt_seconds(plan['extend_seconds'])} more" + (" (the slowest shard)" if n > 1 else "")
     return s + f"; {plan['precision']} on {plan['cpu']}."
 
 # %% ../nbs/18_budget.ipynb #e6c23864
@@ -223,6 +225,7 @@ def merge_plans(plans:list) -> dict|None: # the plan.json of one `compare` call,
     n = (p.get('shard') or [0, 1])[1]
     if n > 1:
         p['cpu'] = ', '.join(dict.fromkeys(q.get('cpu') for q in plans))
-        secs = [q.get('seconds') for q in plans]
-        p['seconds'] = max(secs) if len(plans) == n and None not in secs else None  # unknown while a shard is missing
+        for k in ('seconds', 'extend_seconds'):
+            secs = [q.get(k) for q in plans]
+            p[k] = max(secs) if len(plans) == n and None not in secs else None  # unknown while a shard is missing
     return p

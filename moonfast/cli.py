@@ -71,14 +71,14 @@ def _path(p): return None if p in (None, '') else Path(p)
 
 @call_parse
 def synth(n:int=1000, # number of lunar render/mask pairs
-          dest:str=None, # output folder (default data/moon-synth; with --generator 2, data/moon-synth-v2)
+          dest:str=None, # output folder (default data/moon-synth-v3; with --generator 1, data/moon-synth; 2, data/moon-synth-v2)
           seed:int=0, # dataset seed
           width:int=720, # render width
           height:int=480, # render height
           workers:int=2, # processes
           tiny:store_true=False, # instead, write the small procedural classification set (data/tiny-synth)
           overwrite:store_true=False, # replace a set made with other parameters
-          generator:int=None): # lunar generator version: 1 (the first; the default) or 2 (wider randomisation; see nbs/07)
+          generator:int=None): # lunar generator version: 1 (the first), 2 (wider randomisation) or 3 (the default; see nbs/07)
     "Generate the procedural lunar segmentation set (or, with --tiny, the procedural classification set)"
     from moonfast.synth import make_lunar_dataset, make_tiny_classes
     out = (make_tiny_classes(_path(dest), seed=seed, overwrite=overwrite) if tiny else

@@ -462,6 +462,12 @@ def aggregate(out, # a comparison's folder: from one `compare` call, or from all
     return table
 
 # %% ../nbs/18_experiments.ipynb #2dca7ba9
+def _prev_times(pf:Path) -> dict:
+    "The training and extension seconds that earlier `compare` calls recorded in plan file `pf` (to keep, not overwrite)"
+    try: old = json.loads(pf.read_text())
+    except (OSError, ValueError): return {}
+    return {k: old[k] for k in ('seconds', 'extend_seconds', 'seconds_note') if old.get(k) is not None}
+
 def compare(data=None, # segmentation dataset folder (default: the generated set, made if missing)
             out=None, # output folder (default `compare_dir(epochs, images)`)
             epochs:int=None, # epochs of every run (default: COMPARE_EPOCHS; with a budget, as many as fit up to it)
@@ -526,11 +532,14 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
                      pretrained=str(pretrained) if any(c['pretrained'] for c in cfgs) else None))
     plan['shard'] = [i_sh, n_sh]
     pf = out/('plan.json' if n_sh == 1 else f'plan-shard{i_sh}of{n_sh}.json')  # shards never write the same file
+    prev = _prev_times(pf)   # what earlier calls into this folder spent (a resumed comparison, an extension): kept, added to
+    plan.update(prev)
     atomic_write(pf, lambda p: p.write_text(json.dumps(plan, indent=1)))
     log(f"plan: {plan_text(plan)}"); log(f"writing to {out}" + (f", shard {i_sh}/{n_sh}" if n_sh > 1 else ""))
     todo = shard_runs(cfgs, S, shard)
     prog = RunProgress(t_start, [run_seconds(costs[c['name']], E, plan['images_per_epoch'], nv, freeze_epochs) if budget else 0.
                                for _, c in todo], log)
+    t_ext, trained = 0., False
     for k, (seed, cfg) in enumerate(todo):
         rd = out/'runs'/_run_name(cfg, seed)
         s, learn = _finished(rd, E, im), None
@@ -546,11 +555,16 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
                 learn = seg_learner(dls, arch=cfg['arch'], precision=precision)
                 learn.model.load_state_dict(torch.load(rd/'best.pth', weights_only=True))
             plot_samples(learn, n_samples, out/f"samples-{cfg['name']}.png", title=cfg['name'])
+        trained |= learn is not None
         if extend:
+            t0 = time.time()
             x = extend_run(dls, rd, precision=precision, **(extend if isinstance(extend, dict) else {}))
+            t_ext += time.time() - t0
             log(f"{cfg['name']} seed {seed} trained on: Dice {x['run_dice']:.4f} → {x['dice']:.4f} in {x['epochs']} more epochs ({x['stopped']})")
         prog.end(k, learn is not None)
-    plan['seconds'] = round(time.time() - t_start, 1)
+    if trained or prev.get('seconds') is None and not extend:   # this call's training time, added to earlier calls'
+        plan['seconds'] = round((prev.get('seconds') or 0) + time.time() - t_start - t_ext, 1)
+    if extend: plan['extend_seconds'] = round((prev.get('extend_seconds') or 0) + t_ext, 1)
     atomic_write(pf, lambda p: p.write_text(json.dumps(plan, indent=1)))
     if n_sh > 1 and (missing := _collect(out)[2]):  # other shards' runs: the last shard to finish writes the results
         log(f"shard {i_sh}/{n_sh} is done; {len(missing)} run(s) of other shards are not finished yet: {', '.join(missing)}; "

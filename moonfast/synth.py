@@ -60,8 +60,9 @@ def _harmonics(th, amp, ph):
     return r
 
 # %% ../nbs/07_synth.ipynb #fabe6e47
-def _scene_setup(rng, W, H, v2=False):
-    "Camera, sun and exposure of one scene, drawn from `rng`; `v2`: version 2's wider ranges, haze and camera response"
+def _scene_setup(rng, W, H, v=1):
+    "Camera, sun and exposure of one scene, drawn from `rng` for generator version `v` (2: wider ranges, haze and camera response)"
+    v2 = v == 2
     f, hc, yh = W*rng.uniform(0.75, 1.05), 1.6, H*rng.uniform(*((0.15, 0.45) if v2 else (0.22, 0.42)))
     elev, az = np.deg2rad(rng.uniform(*((5, 40) if v2 else (7, 30)))), np.deg2rad(rng.choice([-1, 1])*rng.uniform(45, 150))
     S = np.array([np.cos(elev)*np.sin(az), np.sin(elev), np.cos(elev)*np.cos(az)])
@@ -71,10 +72,12 @@ def _scene_setup(rng, W, H, v2=False):
     Xg = ((np.arange(W) + 0.5 - W/2)[None]*Zrow[:,None]/f).astype(np.float32)
     sc = dict(W=W, H=H, f=f, hc=hc, yh=yh, cx=W/2, S=S, g_alb=g_alb, expo=rng.uniform(*((0.2, 0.65) if v2 else (0.3, 0.45)))/(g_alb*S[1]),
               amb=0.03*S[1], y0=y0, Hg=H-y0, Zrow=Zrow, Xg=Xg, Zg=np.broadcast_to(Zrow[:,None], Xg.shape),
-              d_near=Zrow[-1], d_max=min(f*hc/max(H*0.015, 1.), 400.), v2=v2)
+              d_near=Zrow[-1], d_max=min(f*hc/max(H*0.015, 1.), 400.), v2=v2, v=v)
     if v2:   # (drawn after everything version 1 draws, so version 1 scenes stay exactly as they were)
         sc.update(haze=rng.uniform(0, 0.4)*(rng.random() < 0.7), haze_d=rng.uniform(15, 80), haze_lvl=rng.uniform(0.6, 1.3),
                   gamma=rng.uniform(0.75, 1.3), blur=rng.uniform(0.3, 1.1), noise=rng.uniform(0.5, 5.))
+    if v == 3:   # version 1's camera and sun; no haze, a milder camera response, version 2's range of blur and noise
+        sc.update(haze=0., haze_d=1., haze_lvl=1., gamma=rng.uniform(0.85, 1.15), blur=rng.uniform(0.3, 1.0), noise=rng.uniform(0.5, 4.))
     return sc
 
 # %% ../nbs/07_synth.ipynb #52e27a5d
@@ -108,7 +111,7 @@ def _ground_relief(rng, sc):
     grain = _resize_noise(rng, (sc['Hg']//2 + 1, W//2), (sc['Hg'], W), Image.Resampling.BILINEAR)
     grain = 1 + rng.uniform(0.1, 0.25)*grain*np.clip(sc['d_near']*3/sc['Zrow'], 0.2, 1)[:,None]
     tsh = None
-    if sc['v2']:   # the relief's own shadows: hollows behind ridges, from a relief of 0.2–1.5 m (std) at the 30 cm scale
+    if sc['v'] >= 2:   # the relief's own shadows: hollows behind ridges, from a relief of 0.2–1.5 m (std) at the 30 cm scale
         tsh = _terrain_shadow(hgt, S, rng.uniform(0.2, 1.5), 0.3)
         tsh = rng.uniform(0.7, 0.95)*warp(np.tile(tsh, (4, 4)), texel=0.3, X0=X3, Z0=Z3)*fade3[:,None]
     return rel, albedo*grain, tsh
@@ -146,8 +149,8 @@ def _craters(rng, sc):
 # %% ../nbs/07_synth.ipynb #44b02b65
 def _rocks(rng, sc):
     "Per-rock parameters (a dict of arrays, one entry per visible rock)"
-    f, W, d_near, d_max, v2 = sc['f'], sc['W'], sc['d_near'], sc['d_max'], sc['v2']
-    nrk = rng.poisson((W/2/f)*(d_max**2 - d_near**2)*rng.uniform(*((0.1, 0.9) if v2 else (0.15, 0.6))))
+    f, W, d_near, d_max, v2, v3 = sc['f'], sc['W'], sc['d_near'], sc['d_max'], sc['v2'], sc['v'] == 3
+    nrk = rng.poisson((W/2/f)*(d_max**2 - d_near**2)*rng.uniform(*((0.1, 0.9) if v2 else (0.3, 1.5) if v3 else (0.15, 0.6))))
     Z = np.sqrt(rng.uniform(d_near**2*0.7, d_max**2, nrk))
     X = rng.uniform(-1.1, 1.1, nrk)*Z*(W/2)/f
     if v2 and nrk and (ncl := rng.integers(0, 6)):   # version 2: a share of the rocks gathered in up to 5 clusters
@@ -167,10 +170,11 @@ def _rocks(rng, sc):
     n, K = len(R), 4
     rk = dict(X=X, Z=Z, R=R, a1=rng.uniform(0.8, 1.3, n), a2=rng.uniform(*((0.35, 1.0) if v2 else (0.5, 1.0)), n), a3=rng.uniform(0.8, 1.3, n))
     rk['hb'] = -rng.uniform(0.0, 0.55, n)*R*rk['a2']   # height of the centre: negative, partly buried
-    rk['alb'] = sc['g_alb']*rng.uniform(*((0.7, 2.4) if v2 else (0.75, 1.7)), n)*rng.uniform(0.85, 1.15)
+    rk['alb'] = sc['g_alb']*rng.uniform(*((0.7, 2.4) if v2 else (1.1, 2.0) if v3 else (0.75, 1.7)), n)*rng.uniform(0.85, 1.15)
     rk['hamp'] = rng.uniform(0, 0.22 if v2 else 0.1, (n, K))/np.sqrt(np.arange(1, K+1)); rk['hph'] = rng.uniform(0, 2*np.pi, (n, K))
     rk['fk'] = rng.uniform(2, 6, (n, 2, 2))*rng.choice([-1, 1], (n, 2, 2)); rk['fph'] = rng.uniform(0, 2*np.pi, (n, 2))
-    rk['facet'] = rng.uniform(0.15, 0.6, n) if v2 else np.full(n, 0.35)   # how strongly the facets bend the normals
+    rk['facet'] = rng.uniform(0.15, 0.6, n) if v2 or v3 else np.full(n, 0.35)   # how strongly the facets bend the normals
+    if v3: rk['taper'] = rng.uniform(0, 0.8, n)*(rng.random(n) < 0.7)   # version 3: most rocks narrow toward the top
     # screen centre and semi-axes; the ground line `vcut` (in units of ry below the centre), which bulges downward
     # where the rock's footprint comes nearer to the camera
     rk['rx'], rk['ry'] = f*R*rk['a1']/Z, f*R*rk['a2']/Z
@@ -225,6 +229,7 @@ def _draw_rocks(rng, rk, sc, rad):
     for it, xs, ys, ok in _patches(x0, y0, w, h, W, H):
         e = lambda a: a[it,None,None]
         u, v = (xs + 0.5 - e(rk['sx']))/e(rx), (ys + 0.5 - e(rk['sy']))/e(ry)
+        if 'taper' in rk: u = u/np.maximum(1 - e(rk['taper'])*(1 - v)/2, 0.05)   # narrower toward the top (v = -1)
         rho = _harmonics(np.arctan2(v, u), rk['hamp'][it], rk['hph'][it])
         q2 = (u*u + v*v)/(rho*rho)
         cut = e(rk['vcut']) + e(rk['bulge'])*np.sqrt(np.clip(1 - u*u, 0, 1))
@@ -261,8 +266,9 @@ def _hills(rng, sc):
     tex = 1 + 0.15*_resize_noise(rng, (H//8, W//8), (H, W))
     return hill, sc['g_alb']*lit[None]*tex
 
-SYNTH_VERSIONS = (1, 2)   # 1: the first generator; 2: wider randomisation (terrain shadows, haze, clusters, camera response)
-_SYNTH_VERSION = 1   # the default: trained on version 2, U-Nets did worse on the real render (31_segmentation.ipynb)
+SYNTH_VERSIONS = (1, 2, 3)   # 1: the first generator; 2: wider randomisation (terrain shadows, haze, clusters, camera response);
+                             # 3: version 1 with terrain shadows, more, brighter and pointed rocks, version 2's blur and noise
+_SYNTH_VERSION = 3   # the default: trained on it, U-Nets lose nothing on version 1 scenes and do a little better on the real render (31_segmentation.ipynb)
 
 def _check_version(version):
     "The generator version to use: `version`, or the default when None"
@@ -273,13 +279,13 @@ def _check_version(version):
 
 def lunar_scene(seed:int, # scene seed: the same seed gives the same scene
                 size=(480, 720), # (height, width) of the render, or an int for a square
-                layers:bool=False, # also return a dict of intermediate layers (shadow, crater, sky; terrain_shadow in version 2)
-                version:int=None): # generator version: 1 (the first, the default) or 2 (wider randomisation)
+                layers:bool=False, # also return a dict of intermediate layers (shadow, crater, sky; terrain_shadow in versions 2 and 3)
+                version:int=None): # generator version (`SYNTH_VERSIONS`): 1 (the first), 2 (wider randomisation) or 3 (the default)
     "A procedural lunar render (H×W×3 uint8) and its rock mask (H×W uint8, 0/1)"
     H, W = size_hw(size)
-    v2 = _check_version(version) >= 2
+    ver = _check_version(version); v2 = ver >= 2
     rng = np.random.default_rng(seed)
-    sc = _scene_setup(rng, W, H, v2)
+    sc = _scene_setup(rng, W, H, ver)
     rel, albedo, tsh = _ground_relief(rng, sc)
     crater, cdark = _craters(rng, sc)
     rk = _rocks(rng, sc)
@@ -334,14 +340,14 @@ def _lunar_params(meta:Path) -> dict|None:
 
 def _pair_paths(dest, i): return dest/'images'/'render'/f'render{i+1:04d}.png', dest/'images'/'ground'/f'ground{i+1:04d}.png'
 
-def make_lunar_dataset(dest=None, # folder to write; default `data_path('moon-synth')` (version 2: `data_path('moon-synth-v2')`)
+def make_lunar_dataset(dest=None, # folder to write; default `data_path('moon-synth-v3')` (version 1: `data_path('moon-synth')`, version 2: `…-v2`)
                        n:int=1000, # number of pairs
                        seed:int=0, # dataset seed
                        size=(480, 720), # (height, width) of each render, or an int for squares
                        n_workers:int=2, # processes (0 or 1: in this process)
                        progress:bool=True, # show a fastprogress bar
                        overwrite:bool=False, # replace a set made with other parameters instead of raising
-                       version:int=None): # generator version (see `SYNTH_VERSIONS`); default: 1
+                       version:int=None): # generator version (see `SYNTH_VERSIONS`); default: 3
     "Write `n` procedural lunar pairs in the binary course layout to `dest` (reusing a complete identical set)"
     version = _check_version(version)
     dest = Path(dest) if dest is not None else data_path('moon-synth' if version == 1 else f'moon-synth-v{version}')
