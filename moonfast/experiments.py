@@ -562,7 +562,7 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
             t_ext += time.time() - t0
             log(f"{cfg['name']} seed {seed} trained on: Dice {x['run_dice']:.4f} → {x['dice']:.4f} in {x['epochs']} more epochs ({x['stopped']})")
         prog.end(k, learn is not None)
-    if trained or prev.get('seconds') is None and not extend:   # this call's training time, added to earlier calls'
+    if trained or (prev.get('seconds') is None and not extend):   # this call's training time, added to earlier calls'
         plan['seconds'] = round((prev.get('seconds') or 0) + time.time() - t_start - t_ext, 1)
     if extend: plan['extend_seconds'] = round((prev.get('extend_seconds') or 0) + t_ext, 1)
     atomic_write(pf, lambda p: p.write_text(json.dumps(plan, indent=1)))

@@ -283,7 +283,7 @@ def lunar_scene(seed:int, # scene seed: the same seed gives the same scene
                 version:int=None): # generator version (`SYNTH_VERSIONS`): 1 (the first), 2 (wider randomisation) or 3 (the default)
     "A procedural lunar render (H×W×3 uint8) and its rock mask (H×W uint8, 0/1)"
     H, W = size_hw(size)
-    ver = _check_version(version); v2 = ver >= 2
+    ver = _check_version(version); later = ver >= 2   # versions 2 and 3: terrain shadows on the rocks, per-scene camera response
     rng = np.random.default_rng(seed)
     sc = _scene_setup(rng, W, H, ver)
     rel, albedo, tsh = _ground_relief(rng, sc)
@@ -296,21 +296,21 @@ def lunar_scene(seed:int, # scene seed: the same seed gives the same scene
     yy = np.arange(H)[:,None] + 0.5
     rad = np.where((yy > sc['yh'] - hill[None]) & (yy <= sc['y0']), hill_rad, rad)
     mask = _draw_rocks(rng, rk, sc, rad)
-    if v2:   # terrain shadows fall on the rocks too; then haze toward the horizon, brightening and flattening the far ground
+    if later:   # terrain shadows fall on the rocks too; then haze toward the horizon, brightening and flattening the far ground
         rad[sc['y0']:] *= 1 - tsh
         hz = np.full(H, sc['haze']*(1 - np.exp(-sc['d_max']/sc['haze_d'])), np.float32)
         hz[sc['y0']:] = sc['haze']*(1 - np.exp(-sc['Zrow']/sc['haze_d']))
         rad = rad*(1 - hz[:,None]) + hz[:,None]*sc['haze_lvl']*sc['g_alb']*sc['S'][1]
     img = 255*(1 - np.exp(-sc['expo']*rad))
-    if v2: img = 255*(img/255)**sc['gamma']
-    blur, noise = (sc['blur'], sc['noise']) if v2 else (rng.uniform(0.5, 0.9), rng.uniform(1, 3))
+    if later: img = 255*(img/255)**sc['gamma']
+    blur, noise = (sc['blur'], sc['noise']) if later else (rng.uniform(0.5, 0.9), rng.uniform(1, 3))
     img = ndi.gaussian_filter(img, blur) + noise*rng.standard_normal((H, W), np.float32)
     sky = np.broadcast_to(yy < sc['yh'] - hill[None] - 1, (H, W))
     img[sky] = 0
     img = np.repeat(np.clip(img, 0, 255).astype(np.uint8)[..., None], 3, -1)
     if not layers: return img, mask
     full = lambda a: np.r_[np.zeros((sc['y0'], W), a.dtype), a]
-    return img, mask, dict(shadow=full(shadow*~foot), crater=full(cdark), sky=sky) | (dict(terrain_shadow=full(tsh)) if v2 else {})
+    return img, mask, dict(shadow=full(shadow*~foot), crater=full(cdark), sky=sky) | (dict(terrain_shadow=full(tsh)) if later else {})
 
 # %% ../nbs/07_synth.ipynb #40c1cd65
 def scene_seed(seed:int, # the dataset's seed
