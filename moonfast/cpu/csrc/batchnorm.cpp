@@ -214,3 +214,93 @@ std::vector<at::Tensor> bn_add_relu_grad_input(const at::Tensor& dy_, const at::
   });
   return {dx, dr};
 }
+
+// ---- one call per pass: the per-channel arithmetic of a training step done here, not as dozens of small tensor ops ----
+// Rows of L = W·C per-column constants in the accumulation type A, from per-channel doubles (column j is channel j % C).
+static at::Tensor rows_of(const std::vector<double>& v, int64_t W, at::ScalarType acc) {
+  const int64_t C = int64_t(v.size());
+  auto t = at::empty({W * C}, at::TensorOptions().dtype(acc));
+  if (acc == at::kDouble) { double* p = t.data_ptr<double>(); for (int64_t j = 0; j < W * C; ++j) p[j] = v[j % C]; }
+  else { float* p = t.data_ptr<float>(); for (int64_t j = 0; j < W * C; ++j) p[j] = float(v[j % C]); }
+  return t;
+}
+static std::vector<double> doubles(const c10::optional<at::Tensor>& t, int64_t C, double fill) {
+  if (!t.has_value() || !t->defined()) return std::vector<double>(C, fill);
+  TORCH_CHECK(t->numel() == C, "moonfast batch norm: expected ", C, " per-channel values, got ", t->numel());
+  auto d = t->detach().to(at::kDouble).contiguous();
+  return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + C);
+}
+static at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Forward: statistics, running-statistics update (as nn.BatchNorm2d: lerp by momentum, unbiased variance), then
+// y = bn(x), relu(bn(x)) or relu(bn(x) + r) in one pass. Returns {y, mean, invstd} (float64, C values).
+std::vector<at::Tensor> bn_forward(const at::Tensor& x, const c10::optional<at::Tensor>& r, const c10::optional<at::Tensor>& weight,
+                                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+                                   const c10::optional<at::Tensor>& running_var, double momentum, double eps, bool relu) {
+  check_cl(x, "the input");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), M = N * H * W;
+  auto st = bn_stats(x);
+  auto mean = st[0], var = st[1];
+  if (running_mean.has_value() && running_mean->defined()) {
+    at::NoGradGuard ng;
+    running_mean->lerp_(mean.to(running_mean->scalar_type()), momentum);
+    running_var.value().lerp_((var * (double(M) / double(std::max<int64_t>(M - 1, 1)))).to(running_var->scalar_type()), momentum);
+  }
+  auto invstd = (var + eps).rsqrt();
+  const double *mp = mean.data_ptr<double>(), *ip = invstd.data_ptr<double>();
+  auto w = doubles(weight, C, 1.0), b = doubles(bias, C, 0.0);
+  std::vector<double> a(C), c(C);
+  for (int64_t k = 0; k < C; ++k) { a[k] = w[k] * ip[k]; c[k] = b[k] - mp[k] * w[k] * ip[k]; }
+  const auto acc = acc_type(x);
+  auto ar = rows_of(a, W, acc), cr = rows_of(c, W, acc);
+  at::Tensor y;
+  if (r.has_value() && r->defined()) {
+    auto rc = r->contiguous(at::MemoryFormat::ChannelsLast);
+    y = bn_add_relu_apply(x, rc, ar, cr);
+  } else y = bn_apply(x, ar, cr, relu);
+  return {y, mean, invstd};
+}
+
+// Backward of bn_forward: {dx, dr, dweight, dbias} (undefined where not asked, or where there is no residual / weight).
+// `y` is the forward's output when it had a residual (the ReLU's mask is read from it), else undefined: the mask is then
+// recomputed from x with the forward's own constants, so it is the same decision.
+std::vector<at::Tensor> bn_backward(const at::Tensor& dy_, const at::Tensor& x, const c10::optional<at::Tensor>& y,
+                                    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                    const at::Tensor& mean, const at::Tensor& invstd, bool relu,
+                                    bool need_dx, bool need_dw, bool need_db) {
+  check_cl(x, "the input");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const double M = double(N * H * W);
+  auto dy = dy_.to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
+  const bool residual = y.has_value() && y->defined();
+  auto mv = doubles(mean, C, 0.0), iv = doubles(invstd, C, 0.0), w = doubles(weight, C, 1.0), b = doubles(bias, C, 0.0);
+  const auto acc = acc_type(x);
+  auto mu = rows_of(mv, W, acc);
+  std::vector<at::Tensor> sums;
+  at::Tensor ar, cr;
+  if (residual) sums = bn_add_relu_grad_sums(dy, x, *y, mu);
+  else {
+    std::vector<double> a(C), c(C);
+    for (int64_t k = 0; k < C; ++k) { a[k] = w[k] * iv[k]; c[k] = b[k] - mv[k] * w[k] * iv[k]; }
+    ar = rows_of(a, W, acc); cr = rows_of(c, W, acc);
+    sums = bn_grad_sums(dy, x, ar, cr, mu, relu);
+  }
+  const double *sg = sums[0].data_ptr<double>(), *sgx = sums[1].data_ptr<double>();
+  at::Tensor dx, dr, dw, db;
+  if (need_dx || residual) {
+    std::vector<double> ga(C), gb(C), gc(C);
+    for (int64_t k = 0; k < C; ++k) {
+      ga[k] = w[k] * iv[k];
+      gb[k] = -ga[k] * iv[k] * iv[k] * sgx[k] / M;
+      gc[k] = -ga[k] * sg[k] / M - gb[k] * mv[k];
+    }
+    auto p1 = rows_of(ga, W, acc), p2 = rows_of(gb, W, acc), p3 = rows_of(gc, W, acc);
+    if (residual) { auto o = bn_add_relu_grad_input(dy, x, *y, p1, p2, p3); dx = o[0]; dr = o[1]; }
+    else dx = bn_grad_input(dy, x, ar, cr, p1, p2, p3, relu);
+  }
+  if (weight.has_value() && weight->defined()) {
+    if (need_dw) dw = (sums[1] * invstd).to(weight->scalar_type());
+    if (need_db) db = sums[0].to(weight->scalar_type());
+  }
+  return {dx, dr, dw, db};
+}

@@ -5,6 +5,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moonfast's CPU kernels for channels-last tensors with few channels";
   m.def("maxpool_forward", &maxpool_forward, "stride-1 max pool: (y, window positions)");
   m.def("maxpool_backward", &maxpool_backward, "stride-1 max pool: input gradient");
+  m.def("maxpool_strided_forward", &maxpool_strided_forward, "k×k max pool with stride k: (y, window positions)");
+  m.def("maxpool_strided_backward", &maxpool_strided_backward, "its input gradient");
   m.def("bn_stats", &bn_stats, "batch norm: per-channel mean and biased variance (float64)");
   m.def("bn_apply", &bn_apply, "batch norm: y = relu?(x·a + b)");
   m.def("bn_grad_sums", &bn_grad_sums, "batch norm: per-channel Σg and Σg·(x − mean)");
@@ -12,6 +14,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_add_relu_apply", &bn_add_relu_apply, "batch norm + residual + ReLU: y = relu(x·a + b + r)");
   m.def("bn_add_relu_grad_sums", &bn_add_relu_grad_sums, "batch norm + residual + ReLU: per-channel sums");
   m.def("bn_add_relu_grad_input", &bn_add_relu_grad_input, "batch norm + residual + ReLU: input and residual gradients");
+  m.def("bn_forward", &bn_forward, "batch norm (+ ReLU, + residual): statistics, running statistics, output; (y, mean, invstd)");
+  m.def("bn_backward", &bn_backward, "its backward: (dx, dresidual, dweight, dbias)");
   m.def("upcat_forward", &upcat_forward, "2×2 stride-2 transposed conv placement + bias + skip concatenation");
   m.def("upcat_backward", &upcat_backward, "its gradients: products, bias (float64), skip");
   m.def("affine_grid", &affine_grid, "sampling grid of (N, 3, 3) maps");

@@ -123,3 +123,104 @@ at::Tensor maxpool_backward(const at::Tensor& gy_, const at::Tensor& ix, int64_t
   });
   return gx;
 }
+
+// ---- k×k max pool with stride k and no padding (the U-Net's 2×2 pools): windows do not overlap, so the forward keeps
+// each maximum's position in its window (one byte) and the backward writes every input gradient once, no scatter ----
+
+// Positions are worked on in an integer type as wide as the values (P), not in bytes: a loop that mixes byte and float
+// lanes is vectorized 64 values at a time, which the few channels of a pixel (18, 36, …) never fill, so the per-pixel
+// loops below ran scalar (5× slower than PyTorch's pool). Bytes are only what is stored between the passes.
+template <typename V> struct PosOf { using P = int32_t; };
+template <> struct PosOf<double> { using P = int64_t; };
+template <> struct PosOf<uint16_t> { using P = int16_t; };
+
+// one window position (pos) over an output row: blocks of C values `xstep` apart in x, C apart in m and io
+template <typename E, bool FIRST>
+static void __attribute__((noinline)) strided_tap(const typename E::S* __restrict__ x, typename E::A* __restrict__ m,
+                                                  typename PosOf<typename E::A>::P* __restrict__ io, int64_t OW, int64_t C,
+                                                  int64_t xstep, int pos) {
+  using P = typename PosOf<typename E::A>::P;
+  for (int64_t ow = 0; ow < OW; ++ow)
+    for (int64_t c = 0; c < C; ++c) {
+      const typename E::A v = E::ld(x[ow * xstep + c]);
+      if (FIRST) { m[ow * C + c] = v; io[ow * C + c] = P(pos); continue; }
+      const bool u = (v > m[ow * C + c]) | (v != v);           // NaN wins (the last one), ties keep the first, as in PyTorch
+      m[ow * C + c] = u ? v : m[ow * C + c];
+      io[ow * C + c] = u ? P(pos) : io[ow * C + c];
+    }
+}
+// the input gradient of one window position over an input row: g where the window's maximum sat there, else 0
+template <typename S>
+static void __attribute__((noinline)) strided_grad(const S* __restrict__ g, const typename PosOf<S>::P* __restrict__ io,
+                                                   S* __restrict__ gx, int64_t OW, int64_t C, int64_t xstep, int pos) {
+  using P = typename PosOf<S>::P;
+  for (int64_t ow = 0; ow < OW; ++ow)
+    for (int64_t c = 0; c < C; ++c) gx[ow * xstep + c] = io[ow * C + c] == P(pos) ? g[ow * C + c] : S(0);
+}
+
+template <typename T>
+static void strided_forward(const typename Elt<T>::S* x, typename Elt<T>::S* y, uint8_t* ix, int64_t N, int64_t H,
+                            int64_t W, int64_t C, int64_t OH, int64_t OW, int64_t k) {
+  using E = Elt<T>; using A = typename E::A; using S = typename E::S; using P = typename PosOf<A>::P;
+  const int64_t L = OW * C;
+  at::parallel_for(0, N * OH, 4, [&](int64_t b, int64_t e) {
+    std::vector<A> mbuf(L); std::vector<P> pbuf(L);
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t n = r / OH, oh = r % OH;
+      for (int64_t t = 0; t < k * k; ++t) {           // window positions in PyTorch's order: row by row
+        const S* xs = x + ((n * H + oh * k + t / k) * W + t % k) * C;
+        if (t == 0) strided_tap<E, true>(xs, mbuf.data(), pbuf.data(), OW, C, k * C, 0);
+        else strided_tap<E, false>(xs, mbuf.data(), pbuf.data(), OW, C, k * C, int(t));
+      }
+      S* yr = y + r * L; uint8_t* io = ix + r * L;
+      for (int64_t j = 0; j < L; ++j) yr[j] = E::st_exact(mbuf[j]);
+      for (int64_t j = 0; j < L; ++j) io[j] = uint8_t(pbuf[j]);
+    }
+  });
+}
+
+template <typename T>
+static void strided_backward(const typename Elt<T>::S* gy, const uint8_t* ix, typename Elt<T>::S* gx, int64_t N, int64_t H,
+                             int64_t W, int64_t C, int64_t OH, int64_t OW, int64_t k) {
+  using S = typename Elt<T>::S; using P = typename PosOf<S>::P;
+  at::parallel_for(0, N * H, 8, [&](int64_t b, int64_t e) {
+    std::vector<P> pbuf(OW * C);
+    int64_t have = -1;                               // the output row whose positions pbuf holds
+    for (int64_t r = b; r < e; ++r) {               // input row r: each pixel's gradient from the one window it is in
+      const int64_t n = r / H, ih = r % H, oh = ih / k, kh = ih % k;
+      S* gr = gx + r * W * C;
+      if (oh >= OH) { std::fill(gr, gr + W * C, S(0)); continue; }   // rows past the last window get no gradient
+      const int64_t orow = n * OH + oh, o = orow * OW * C;
+      if (have != orow) { for (int64_t j = 0; j < OW * C; ++j) pbuf[j] = P(ix[o + j]); have = orow; }
+      for (int64_t kw = 0; kw < k; ++kw) strided_grad<S>(gy + o, pbuf.data(), gr + kw * C, OW, C, k * C, int(kh * k + kw));
+      std::fill(gr + OW * k * C, gr + W * C, S(0));                    // and columns past it
+    }
+  });
+}
+
+std::vector<at::Tensor> maxpool_strided_forward(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "moonfast maxpool: expected a 4-d channels-last CPU tensor");
+  TORCH_CHECK(k >= 1 && k * k < UNSET, "moonfast maxpool: unsupported kernel size");
+  const auto N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), OH = H / k, OW = W / k;
+  TORCH_CHECK(OH >= 1 && OW >= 1, "moonfast maxpool: input smaller than the window");
+  auto y = at::empty({N, C, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  auto ix = at::empty({N, C, OH, OW}, x.options().dtype(at::kByte).memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "moonfast_maxpool_strided_forward", [&] {
+    strided_forward<scalar_t>(ptr<scalar_t>(x), ptr<scalar_t>(y), ix.data_ptr<uint8_t>(), N, H, W, C, OH, OW, k);
+  });
+  return {y, ix};
+}
+
+at::Tensor maxpool_strided_backward(const at::Tensor& gy_, const at::Tensor& ix, int64_t H, int64_t W, int64_t k) {
+  auto gy = gy_.contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(gy.sizes() == ix.sizes() && ix.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "moonfast maxpool: gradient and positions differ in shape");
+  const auto N = gy.size(0), C = gy.size(1), OH = gy.size(2), OW = gy.size(3);
+  TORCH_CHECK(OH == H / k && OW == W / k, "moonfast maxpool: gradient shape does not match the input size");
+  auto gx = at::empty({N, C, H, W}, gy.options().memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gy.scalar_type(), "moonfast_maxpool_strided_backward", [&] {
+    strided_backward<scalar_t>(ptr<scalar_t>(gy), ix.data_ptr<uint8_t>(), ptr<scalar_t>(gx), N, H, W, C, OH, OW, k);
+  });
+  return gx;
+}

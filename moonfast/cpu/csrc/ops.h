@@ -7,6 +7,9 @@
 // maxpool.cpp: stride-1 k×k max pool with padding p; forward returns (y, window positions as uint8)
 std::vector<at::Tensor> maxpool_forward(const at::Tensor& x, int64_t k, int64_t p);
 at::Tensor maxpool_backward(const at::Tensor& gy, const at::Tensor& ix, int64_t H, int64_t W, int64_t k, int64_t p);
+// and the k×k pool with stride k, no padding (windows that do not overlap)
+std::vector<at::Tensor> maxpool_strided_forward(const at::Tensor& x, int64_t k);
+at::Tensor maxpool_strided_backward(const at::Tensor& gy, const at::Tensor& ix, int64_t H, int64_t W, int64_t k);
 
 // batchnorm.cpp: training-mode batch norm (+ ReLU) and batch norm + residual + ReLU, per-column constants a, b, mu
 std::vector<at::Tensor> bn_stats(const at::Tensor& x);
@@ -19,6 +22,14 @@ at::Tensor bn_add_relu_apply(const at::Tensor& x, const at::Tensor& r, const at:
 std::vector<at::Tensor> bn_add_relu_grad_sums(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y, const at::Tensor& mu);
 std::vector<at::Tensor> bn_add_relu_grad_input(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
                                                const at::Tensor& ga, const at::Tensor& gb, const at::Tensor& gc);
+// the whole forward / backward of a training-mode batch norm (+ ReLU, + residual) in one call each
+std::vector<at::Tensor> bn_forward(const at::Tensor& x, const c10::optional<at::Tensor>& r, const c10::optional<at::Tensor>& weight,
+                                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+                                   const c10::optional<at::Tensor>& running_var, double momentum, double eps, bool relu);
+std::vector<at::Tensor> bn_backward(const at::Tensor& dy, const at::Tensor& x, const c10::optional<at::Tensor>& y,
+                                    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                                    const at::Tensor& mean, const at::Tensor& invstd, bool relu,
+                                    bool need_dx, bool need_dw, bool need_db);
 
 // upcat.cpp: a 2×2 stride-2 transposed conv's products placed on the doubled grid, + bias, beside a skip
 at::Tensor upcat_forward(const at::Tensor& z, const at::Tensor& bias, const at::Tensor& skip);
