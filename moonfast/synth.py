@@ -302,7 +302,7 @@ def lunar_scene(seed:int, # scene seed: the same seed gives the same scene
         hz[sc['y0']:] = sc['haze']*(1 - np.exp(-sc['Zrow']/sc['haze_d']))
         rad = rad*(1 - hz[:,None]) + hz[:,None]*sc['haze_lvl']*sc['g_alb']*sc['S'][1]
     img = 255*(1 - np.exp(-sc['expo']*rad))
-    if later: img = 255*(img/255)**sc['gamma']
+    if later: img = 255*(np.maximum(img, 0)/255)**sc['gamma']   # a rare negative radiance (1 pixel in 1000 scenes) made a NaN that the blur spread
     blur, noise = (sc['blur'], sc['noise']) if later else (rng.uniform(0.5, 0.9), rng.uniform(1, 3))
     img = ndi.gaussian_filter(img, blur) + noise*rng.standard_normal((H, W), np.float32)
     sky = np.broadcast_to(yy < sc['yh'] - hill[None] - 1, (H, W))
