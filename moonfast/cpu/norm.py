@@ -23,7 +23,7 @@ class _BatchNormCL(torch.autograd.Function):
         if r is not None: r = r.contiguous(memory_format=torch.channels_last)
         y, mean, invstd = cpu_ext().bn_forward(x, r, weight, bias, running_mean, running_var, float(momentum), float(eps), bool(relu))
         ctx.save_for_backward(x, y if r is not None else None, weight, bias, mean, invstd)
-        ctx.relu, ctx.residual = bool(relu), r is not None
+        ctx.relu = bool(relu)
         return y
 
     @staticmethod

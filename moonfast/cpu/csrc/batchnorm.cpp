@@ -231,6 +231,12 @@ static std::vector<double> doubles(const c10::optional<at::Tensor>& t, int64_t C
   return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + C);
 }
 static at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+// The fused passes' per-channel affine map y = a·x + c, from weight w, bias b, mean m and 1/std i (the same in both passes)
+static void affine_consts(const std::vector<double>& w, const std::vector<double>& b, const double* m, const double* i,
+                          std::vector<double>& a, std::vector<double>& c) {
+  const size_t C = w.size(); a.resize(C); c.resize(C);
+  for (size_t k = 0; k < C; ++k) { a[k] = w[k] * i[k]; c[k] = b[k] - m[k] * w[k] * i[k]; }
+}
 
 // Forward: statistics, running-statistics update (as nn.BatchNorm2d: lerp by momentum, unbiased variance), then
 // y = bn(x), relu(bn(x)) or relu(bn(x) + r) in one pass. Returns {y, mean, invstd} (float64, C values).
@@ -249,8 +255,8 @@ std::vector<at::Tensor> bn_forward(const at::Tensor& x, const c10::optional<at::
   auto invstd = (var + eps).rsqrt();
   const double *mp = mean.data_ptr<double>(), *ip = invstd.data_ptr<double>();
   auto w = doubles(weight, C, 1.0), b = doubles(bias, C, 0.0);
-  std::vector<double> a(C), c(C);
-  for (int64_t k = 0; k < C; ++k) { a[k] = w[k] * ip[k]; c[k] = b[k] - mp[k] * w[k] * ip[k]; }
+  std::vector<double> a, c;
+  affine_consts(w, b, mp, ip, a, c);
   const auto acc = acc_type(x);
   auto ar = rows_of(a, W, acc), cr = rows_of(c, W, acc);
   at::Tensor y;
@@ -276,25 +282,24 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& dy_, const at::Tensor& x, 
   auto mv = doubles(mean, C, 0.0), iv = doubles(invstd, C, 0.0), w = doubles(weight, C, 1.0), b = doubles(bias, C, 0.0);
   const auto acc = acc_type(x);
   auto mu = rows_of(mv, W, acc);
+  std::vector<double> a, c;                         // ga below is a: the input gradient's scale is the forward's
+  affine_consts(w, b, mv.data(), iv.data(), a, c);
   std::vector<at::Tensor> sums;
   at::Tensor ar, cr;
   if (residual) sums = bn_add_relu_grad_sums(dy, x, *y, mu);
   else {
-    std::vector<double> a(C), c(C);
-    for (int64_t k = 0; k < C; ++k) { a[k] = w[k] * iv[k]; c[k] = b[k] - mv[k] * w[k] * iv[k]; }
     ar = rows_of(a, W, acc); cr = rows_of(c, W, acc);
     sums = bn_grad_sums(dy, x, ar, cr, mu, relu);
   }
   const double *sg = sums[0].data_ptr<double>(), *sgx = sums[1].data_ptr<double>();
   at::Tensor dx, dr, dw, db;
   if (need_dx || residual) {
-    std::vector<double> ga(C), gb(C), gc(C);
+    std::vector<double> gb(C), gc(C);
     for (int64_t k = 0; k < C; ++k) {
-      ga[k] = w[k] * iv[k];
-      gb[k] = -ga[k] * iv[k] * iv[k] * sgx[k] / M;
-      gc[k] = -ga[k] * sg[k] / M - gb[k] * mv[k];
+      gb[k] = -a[k] * iv[k] * iv[k] * sgx[k] / M;
+      gc[k] = -a[k] * sg[k] / M - gb[k] * mv[k];
     }
-    auto p1 = rows_of(ga, W, acc), p2 = rows_of(gb, W, acc), p3 = rows_of(gc, W, acc);
+    auto p1 = rows_of(a, W, acc), p2 = rows_of(gb, W, acc), p3 = rows_of(gc, W, acc);
     if (residual) { auto o = bn_add_relu_grad_input(dy, x, *y, p1, p2, p3); dx = o[0]; dr = o[1]; }
     else dx = bn_grad_input(dy, x, ar, cr, p1, p2, p3, relu);
   }

@@ -214,8 +214,8 @@ std::vector<at::Tensor> maxpool_strided_forward(const at::Tensor& x, int64_t k) 
 
 at::Tensor maxpool_strided_backward(const at::Tensor& gy_, const at::Tensor& ix, int64_t H, int64_t W, int64_t k) {
   auto gy = gy_.contiguous(at::MemoryFormat::ChannelsLast);
-  TORCH_CHECK(gy.sizes() == ix.sizes() && ix.is_contiguous(at::MemoryFormat::ChannelsLast),
-              "moonfast maxpool: gradient and positions differ in shape");
+  TORCH_CHECK(gy.sizes() == ix.sizes(), "moonfast maxpool: gradient and positions differ in shape");
+  TORCH_CHECK(ix.is_contiguous(at::MemoryFormat::ChannelsLast), "moonfast maxpool: expected channels-last positions");
   const auto N = gy.size(0), C = gy.size(1), OH = gy.size(2), OW = gy.size(3);
   TORCH_CHECK(OH == H / k && OW == W / k, "moonfast maxpool: gradient shape does not match the input size");
   auto gx = at::empty({N, C, H, W}, gy.options().memory_format(at::MemoryFormat::ChannelsLast));
