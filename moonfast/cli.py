@@ -89,7 +89,7 @@ def synth(n:int=1000, # number of lunar render/mask pairs
 @call_parse
 def train_classifier(data:str=None, # Tiny ImageNet folder (default: one that moonfast.core.find_data finds)
                      epochs:int=40, # epochs
-                     lr:float=4e-3, # peak learning rate (one-cycle)
+                     lr:float=4e-3, # peak learning rate
                      bs:int=64, # batch size per process (under torchrun the global batch is bs × processes)
                      size:int=128, # image size
                      seed:int=42, # random seed
@@ -102,6 +102,10 @@ def train_classifier(data:str=None, # Tiny ImageNet folder (default: one that mo
                      wd:float=0.05, # weight decay
                      mixup:float=0.2, # MixUp's alpha (0: none)
                      label_smoothing:float=0.1, # label smoothing of the cross-entropy (0: none)
+                     opt:str='ranger', # optimizer: ranger (RAdam + Lookahead) or adam
+                     schedule:str='flat_cos', # learning-rate schedule: flat_cos (flat 75%, then cosine) or one_cycle
+                     sam:float=0.05, # sharpness-aware minimisation's rho (0: none; SAM doubles the time per batch)
+                     mixup_until:float=0.75, # share of training with MixUp (1: all of it)
                      tta:int=4): # after training, also record test-time-augmented accuracy over this many passes (0: skip)
     "Train the custom ResNet classifier on Tiny ImageNet classes (moonfast.experiments.CLASSIFIER_RECIPE by default)"
     from moonfast.experiments import train_classifier as tc, DEFAULT_CLASSES
@@ -109,7 +113,8 @@ def train_classifier(data:str=None, # Tiny ImageNet folder (default: one that mo
     from moonfast.core import models_path
     learn = tc(_path(data), wnids=None if all_classes else DEFAULT_CLASSES, epochs=epochs, lr=lr, bs=bs, size=size,
                seed=seed, run_dir=_path(out), ship=ship, resume=resume, overwrite=overwrite, precision=precision,
-               wd=wd, mixup=mixup, label_smoothing=label_smoothing, tta=tta)
+               wd=wd, mixup=mixup, label_smoothing=label_smoothing, opt=opt, schedule=schedule, sam=sam,
+               mixup_until=mixup_until, tta=tta)
     rd = _path(out) or models_path('runs', 'classifier')
     if rank_distrib() > 0: return   # under torchrun the first process reports
     s = json.loads((rd/'summary.json').read_text())

@@ -13,16 +13,17 @@ from .data.imagenet import imagenet_dls, read_wnids
 from .data.seg import seg_dls
 from .synth import make_lunar_dataset
 from .models import resnet_course, resnet_body, CLASSIFIER_WEIGHTS
-from .learners import classifier_learner, seg_learner, resolve_precision
-from .train import train_run, data_fingerprint, setting_differences, sync_run, check_number, save_checkpoint, _unwrap, _epoch_values
+from .learners import classifier_learner, seg_learner, resolve_precision, MixUpUntil, SAM
+from .optim import FusedAdam
+from .train import SCHEDULES, train_run, data_fingerprint, setting_differences, sync_run, check_number, save_checkpoint, _unwrap, _epoch_values
 from .budget import (COMPARE_EPOCHS, COMPARE_SEEDS, MIN_EPOCHS, frozen_epochs, EpochSample, parse_budget, fmt_seconds,
                             run_seconds, plan_comparison, measure_costs, plan_text, RunProgress, cpu_name,
                             parse_shard, shard_runs, merge_plans)
 _all_ = ['COMPARE_EPOCHS', 'COMPARE_SEEDS', 'parse_budget', 'plan_comparison']  # the comparison's size, with it
 
 # %% auto #0
-__all__ = ['DEFAULT_CLASSES', 'CLASSIFIER_RECIPE', 'COMPARISON', 'PLATEAU_EPOCHS', 'default_imagenet_path', 'record_tta',
-           'train_classifier', 'ship_classifier', 'run_seg', 'plot_samples', 'plot_comparison', 'plateau',
+__all__ = ['DEFAULT_CLASSES', 'CLASSIFIER_RECIPE', 'OPTIMIZERS', 'COMPARISON', 'PLATEAU_EPOCHS', 'default_imagenet_path',
+           'record_tta', 'train_classifier', 'ship_classifier', 'run_seg', 'plot_samples', 'plot_comparison', 'plateau',
            'results_table', 't_pvalue', 'pretrained_pairs', 'paired_differences', 'paired_curves', 'plot_paired_curves',
            'compare_dir', 'aggregate', 'compare', 'extend_run', 'COMPARE_EPOCHS', 'COMPARE_SEEDS', 'parse_budget',
            'plan_comparison']
@@ -40,15 +41,21 @@ def default_imagenet_path() -> Path:
                     "`moonfast synth --tiny` writes a small procedural stand-in")
 
 # %% ../nbs/18_experiments.ipynb #8c5700c2
-CLASSIFIER_RECIPE = dict(epochs=40, lr=4e-3, bs=64, wd=0.05, mixup=0.2, aug=dict(max_zoom=1.25, max_rotate=15.), label_smoothing=0.1)
+CLASSIFIER_RECIPE = dict(epochs=40, lr=4e-3, bs=64, wd=0.05, opt='ranger', schedule='flat_cos', sam=0.05, mixup=0.2, mixup_until=0.75,
+                         aug=dict(max_zoom=1.25, max_rotate=15.), label_smoothing=0.1)
+OPTIMIZERS = {'adam': FusedAdam, 'ranger': ranger}   # fastai's Adam (fused step); fastai's `ranger` (RAdam + Lookahead)
 
-def _check_recipe(epochs, lr, wd, mixup, aug, label_smoothing):
+def _check_recipe(epochs, lr, wd, mixup, aug, label_smoothing, opt='adam', schedule='one_cycle', sam=0., mixup_until=1.):
     "Raise `DataError` naming the first classifier training setting that cannot work"
     if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1):
         raise DataError(f"epochs={epochs!r}: expected a whole number ≥ 1")
     check_number('lr', lr)
     check_number('wd', wd, lambda v: v >= 0, '≥ 0')
     check_number('mixup', mixup, lambda v: v >= 0, '≥ 0 (0: no MixUp)')
+    check_number('mixup_until', mixup_until, lambda v: 0 < v <= 1, 'in (0, 1] (the share of training that is mixed)')
+    check_number('sam', sam, lambda v: v >= 0, '≥ 0 (0: no SAM)')
+    if opt not in OPTIMIZERS: raise DataError(f"opt must be one of {tuple(OPTIMIZERS)}, got {opt!r}")
+    if schedule not in SCHEDULES: raise DataError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     check_number('label_smoothing', label_smoothing, lambda v: 0 <= v < 1, 'in [0, 1)')
     if not (isinstance(aug, bool) or isinstance(aug, dict)):
         raise DataError(f"aug={aug!r}: expected True, False or a dict of aug_transforms arguments")
@@ -72,7 +79,7 @@ def record_tta(learn:Learner, # a trained classifier learner
 
 def train_classifier(data=None, # Tiny ImageNet folder (default: `default_imagenet_path()`)
                      wnids=DEFAULT_CLASSES, # class ids (default: the course's 10; None: all of wnids.txt)
-                     epochs:int=CLASSIFIER_RECIPE['epochs'], # epochs of one-cycle training
+                     epochs:int=CLASSIFIER_RECIPE['epochs'], # epochs of training
                      lr:float=CLASSIFIER_RECIPE['lr'], # peak learning rate
                      bs:int=CLASSIFIER_RECIPE['bs'], # batch size
                      size:int=128, # image size
@@ -87,23 +94,29 @@ def train_classifier(data=None, # Tiny ImageNet folder (default: `default_imagen
                      mixup:float=CLASSIFIER_RECIPE['mixup'], # MixUp's Beta(α, α) parameter (0: no MixUp)
                      aug=CLASSIFIER_RECIPE['aug'], # `aug_transforms` arguments for the training batches (True: fastai's defaults, False: none)
                      label_smoothing:float=CLASSIFIER_RECIPE['label_smoothing'], # label smoothing of the cross-entropy
+                     opt:str=CLASSIFIER_RECIPE['opt'], # optimizer: 'ranger' (fastai's RAdam + Lookahead) or 'adam'
+                     schedule:str=CLASSIFIER_RECIPE['schedule'], # 'flat_cos' (flat, then cosine) or 'one_cycle'
+                     sam:float=CLASSIFIER_RECIPE['sam'], # `SAM`'s rho (0: no SAM; SAM doubles the time per batch)
+                     mixup_until:float=CLASSIFIER_RECIPE['mixup_until'], # share of training with MixUp (`MixUpUntil`; 1: all of it)
                      tta:int=4, # after training: also record accuracy with test-time augmentation over this many augmented passes (0: skip)
                      **kwargs): # passed to `classifier_learner`
     "Train the custom ResNet classifier; returns the learner with its best weights loaded"
-    _check_recipe(epochs, lr, wd, mixup, aug, label_smoothing)
+    _check_recipe(epochs, lr, wd, mixup, aug, label_smoothing, opt, schedule, sam, mixup_until)
     path = Path(data) if data is not None else default_imagenet_path()
     if wnids is DEFAULT_CLASSES and (path/'wnids.txt').exists() and not set(wnids) <= set(read_wnids(path)):
         wnids = None  # a set without the course's classes (e.g. the procedural stand-in): use all of its classes
     set_seed(seed, reproducible=True)
     dls = imagenet_dls(path, wnids=wnids, size=size, bs=bs, seed=seed, max_per_class=max_per_class, aug=aug)
-    cbs = L(kwargs.pop('cbs', None)) + ([MixUp(mixup)] if mixup else [])
-    learn = classifier_learner(dls, precision=precision, label_smoothing=label_smoothing, wd=wd, cbs=cbs, **kwargs)
+    mix = ([] if not mixup else [MixUp(mixup)] if mixup_until >= 1 else [MixUpUntil(mixup, mixup_until)])
+    cbs = L(kwargs.pop('cbs', None)) + mix + ([SAM(sam)] if sam else [])
+    learn = classifier_learner(dls, precision=precision, label_smoothing=label_smoothing, wd=wd, cbs=cbs,
+                               opt_func=OPTIMIZERS[opt], **kwargs)
     run_dir = Path(run_dir) if run_dir is not None else models_path('runs', 'classifier')
-    train_run(learn, epochs, lr, run_dir=run_dir, resume=resume, overwrite=overwrite,
+    train_run(learn, epochs, lr, run_dir=run_dir, resume=resume, overwrite=overwrite, schedule=schedule,
               meta={'model': 'ResNet [2,2,2,2] 18ch', 'data': str(path), 'classes': list(dls.vocab),
                     'size': size, 'seed': seed, 'train_items': len(dls.train_ds), 'valid_items': len(dls.valid_ds),
                     'precision': resolve_precision(precision), 'wd': wd, 'mixup': mixup, 'aug': aug,
-                    'label_smoothing': label_smoothing})
+                    'label_smoothing': label_smoothing, 'opt': opt, 'sam': sam, 'mixup_until': mixup_until})
     learn.model.load_state_dict(torch.load(run_dir/'best.pth', weights_only=True))
     if tta and rank_distrib() == 0: record_tta(learn, run_dir, n=tta)
     if ship: ship_classifier(run_dir)

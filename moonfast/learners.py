@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_learners.ipynb #98b08078
 from __future__ import annotations
-import os
+import contextlib, math, os
 from pathlib import Path
 import torch, torch.nn as nn
 from fastai.vision.all import *
@@ -21,12 +21,12 @@ from .inference import *
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'SEG_ARCHS', 'cpu_bf16_supported', 'CPUAutocast', 'resolve_precision', 'precision_cbs', 'build_learner',
-           'top5_accuracy', 'classifier_learner', 'check_arch', 'seg_model', 'seg_learner', 'train_run', 'plot_history',
-           'RunRecorder', 'ModelInfo', 'save_checkpoint', 'load_checkpoint', 'Predictor', 'predict_masks',
-           'load_predictor', 'imagenet_dls', 'seg_dls', 'seg_pairs', 'detect_layout', 'UNet', 'ResNetUNet',
-           'resnet_course', 'resnet_dynamic_unet', 'load_encoder_weights', 'CLASSIFIER_WEIGHTS', 'BCEDiceLoss',
-           'BinaryDice', 'BinaryIoU', 'PixelAccuracy', 'seg_metrics', 'DataError', 'load_learner', 'Learner',
-           'DataLoaders']
+           'top5_accuracy', 'classifier_learner', 'check_arch', 'seg_model', 'seg_learner', 'MixUpUntil', 'SAM',
+           'train_run', 'plot_history', 'RunRecorder', 'ModelInfo', 'save_checkpoint', 'load_checkpoint', 'Predictor',
+           'predict_masks', 'load_predictor', 'imagenet_dls', 'seg_dls', 'seg_pairs', 'detect_layout', 'UNet',
+           'ResNetUNet', 'resnet_course', 'resnet_dynamic_unet', 'load_encoder_weights', 'CLASSIFIER_WEIGHTS',
+           'BCEDiceLoss', 'BinaryDice', 'BinaryIoU', 'PixelAccuracy', 'seg_metrics', 'DataError', 'load_learner',
+           'Learner', 'DataLoaders']
 
 # %% ../nbs/15_learners.ipynb #d84243a7
 def cpu_bf16_supported(cpuinfo='/proc/cpuinfo') -> bool: # the file that lists the CPU's flags
@@ -176,6 +176,58 @@ def seg_learner(data, # a segmentation dataset folder (any layout `seg_dls` read
                           weights=weights_file(pretrained) if pretrained else None, **kwargs)
     if pretrained: learn.freeze()
     return learn
+
+# %% ../nbs/15_learners.ipynb #a22445bc
+class MixUpUntil(MixUp):
+    "fastai's `MixUp` for the first `until` share of training; plain (unmixed) batches after it"
+    def __init__(self, alpha:float=0.4, # the Beta(α, α) parameter of the mixing weights
+                 until:float=0.75): # share of training, in (0, 1], after which batches are no longer mixed
+        super().__init__(alpha)
+        if isinstance(until, bool) or not isinstance(until, (int, float)) or not 0 < until <= 1:
+            raise DataError(f"MixUpUntil: until={until!r}: expected the share of training to mix, in (0, 1]")
+        self.until = until
+    def before_batch(self):
+        if self.pct_train >= self.until:   # weight 1 on the batch itself: the loss is the batch's plain loss
+            self.lam, self.yb1 = torch.ones(self.y.size(0), device=self.x.device), self.yb
+            return
+        super().before_batch()
+
+# %% ../nbs/15_learners.ipynb #e83ae4ff
+class SAM(Callback):
+    "Sharpness-aware minimisation: the optimizer steps with the gradient taken at the weights moved `rho` along the normalised gradient"
+    order = 90   # after other callbacks' `before_step` (none of moonfast's has one), just before the optimizer steps
+    def __init__(self, rho:float=0.05): # how far the weights move (L2 norm over all trained parameters)
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho <= 0:
+            raise DataError(f"SAM: rho={rho!r}: expected a finite number > 0")
+        self.rho, self._ac = rho, []
+    def before_fit(self):
+        mp = getattr(self.learn, 'mixed_precision', None)
+        if mp is not None and 'fp16' in str(getattr(mp, 'amp_mode', 'fp16')).lower():
+            raise DataError("SAM does not work with fp16 loss scaling: train in precision 'bf16' or 'fp32'")
+    def after_pred(self):   # the autocast regions the forward pass runs in: the second pass runs in the same
+        self._ac = [(d, torch.get_autocast_dtype(d)) for d in ('cpu', 'cuda') if torch.is_autocast_enabled(d)]
+    def before_step(self):
+        if not self.training: return
+        ps = [p for p in self.learn.model.parameters() if p.grad is not None]
+        if not ps: return
+        with torch.no_grad():
+            gn = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ps]))
+            if not torch.isfinite(gn) or gn == 0: return   # nowhere to move (a non-finite loss is stopped by `train_run`)
+            es = [p.grad * (self.rho / (gn + 1e-12)) for p in ps]
+            for p, e in zip(ps, es): p.add_(e)
+        for p in ps: p.grad = None
+        bns = [m for m in self.learn.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        moms = [m.momentum for m in bns]
+        for m in bns: m.momentum = 0.   # the second pass leaves the running statistics as the first left them
+        try:
+            with contextlib.ExitStack() as stack:
+                for d, dt in self._ac: stack.enter_context(torch.autocast(d, dtype=dt))
+                pred = self.learn.model(*self.learn.xb)
+            self.learn.loss_func(to_float(pred), *self.learn.yb).backward()
+        finally:
+            for m, mo in zip(bns, moms): m.momentum = mo
+            with torch.no_grad():
+                for p, e in zip(ps, es): p.sub_(e)
 
 # %% ../nbs/15_learners.ipynb #4db6ee5c
 _all_ = ['train_run', 'plot_history', 'RunRecorder', 'ModelInfo', 'save_checkpoint', 'load_checkpoint',

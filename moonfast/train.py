@@ -15,9 +15,9 @@ from .core import DataError, atomic_write, file_sha256, RunLock
 from .data.core import TileRef
 
 # %% auto #0
-__all__ = ['RUN_FILES', 'TRAINING_SETTINGS', 'ModelInfo', 'save_checkpoint', 'load_checkpoint', 'write_records', 'RunRecorder',
-           'sync_run', 'data_fingerprint', 'setting_differences', 'StopOnNonFinite', 'RunInterrupted', 'check_number',
-           'train_run', 'plot_history']
+__all__ = ['RUN_FILES', 'TRAINING_SETTINGS', 'SETTINGS_BEFORE', 'SCHEDULES', 'ModelInfo', 'save_checkpoint', 'load_checkpoint',
+           'write_records', 'RunRecorder', 'sync_run', 'data_fingerprint', 'setting_differences', 'StopOnNonFinite',
+           'RunInterrupted', 'check_number', 'train_run', 'plot_history']
 
 # %% ../nbs/16_train.ipynb #64c5f5e9
 class ModelInfo(Callback):
@@ -199,13 +199,16 @@ def data_fingerprint(dls) -> str|None:
 
 TRAINING_SETTINGS = ('arch', 'model', 'size', 'scale', 'weights_sha256', 'pretrained', 'variant', 'data', 'layout', 'data_fingerprint',
                      'classes', 'train_items', 'valid_items', 'images_per_epoch', 'bs', 'lr', 'lr_mult', 'seed',
-                     'precision', 'epochs', 'freeze_epochs', 'frozen', 'wd', 'mixup', 'aug', 'label_smoothing')  # what changes what a run trains
+                     'precision', 'epochs', 'freeze_epochs', 'frozen', 'wd', 'mixup', 'aug', 'label_smoothing',
+                     'schedule', 'opt', 'mixup_until', 'sam')  # what changes what a run trains
+SETTINGS_BEFORE = {'schedule': 'one_cycle', 'opt': 'adam', 'mixup_until': 1, 'sam': 0}  # what runs recorded before these settings existed trained with
 
 def setting_differences(old:dict, # the recorded settings (a run's `meta`)
                         new:dict, # the settings asked for now
                         keys=TRAINING_SETTINGS) -> list[str]:
     "The training settings recorded in both `old` and `new` that differ, as 'name old → new'"
     norm = lambda v: json.loads(json.dumps(_json_safe(v), default=str))   # (h, w) tuples and lists, paths and strings alike
+    old = {**{k: v for k, v in SETTINGS_BEFORE.items() if k in new}, **old}   # an older run's record lacks them
     fp = old.get('data_fingerprint')
     skip = {'data'} if fp and fp == new.get('data_fingerprint') else set()   # a moved folder holds the same data
     return [f"{k} {norm(old[k])} → {norm(new[k])}" for k in keys
@@ -284,8 +287,17 @@ def _plain_message(e:Exception) -> str:
     m = str(e)
     return m.split('\n\t', 1)[1] if m.startswith('Exception occured in `') and '\n\t' in m else m
 
-def _fit_phases(learn, phases, rec, start, ckpt, cbs):
-    "Fit each phase from `start` = (phase, epoch) with fastai's one-cycle schedule"
+SCHEDULES = ('one_cycle', 'flat_cos')
+
+def _fit_flat_cos(learn, n_epoch, lr, start_epoch=0, cbs=None, pct_start=0.75, div_final=1e5):
+    "fastai's `fit_flat_cos` (flat at `lr` for `pct_start` of the epochs, then cosine to `lr/div_final`), resumable at `start_epoch`"
+    if learn.opt is None: learn.create_opt()
+    learn.opt.set_hyper('lr', lr)
+    lrs = np.array([h['lr'] for h in learn.opt.hypers])
+    learn.fit(n_epoch, cbs=ParamScheduler({'lr': combined_cos(pct_start, lrs, lrs, lrs/div_final)}) + L(cbs), start_epoch=start_epoch)
+
+def _fit_phases(learn, phases, rec, start, ckpt, cbs, schedule='one_cycle'):
+    "Fit each phase from `start` = (phase, epoch) with fastai's one-cycle (or flat-then-cosine) schedule"
     cbs = L(StopOnNonFinite()) + L(rec) + L(cbs)
     for i, (name, n, freeze, kw) in enumerate(phases):
         if i < start[0]: continue
@@ -294,11 +306,13 @@ def _fit_phases(learn, phases, rec, start, ckpt, cbs):
         resumed = ckpt is not None and i == start[0] and start[1] > 0
         if resumed: learn.opt.load_state_dict(ckpt['opt']); rec.smooth = ckpt.get('smooth_loss')
         if rec is not None: rec.phase, rec.phase_idx = name, i
-        learn.fit_one_cycle(n, start_epoch=start[1] if i == start[0] else 0, cbs=cbs, **kw)
+        s0 = start[1] if i == start[0] else 0
+        if schedule == 'flat_cos': _fit_flat_cos(learn, n, kw['lr_max'], start_epoch=s0, cbs=cbs)   # no warm-up to shape
+        else: learn.fit_one_cycle(n, start_epoch=s0, cbs=cbs, **kw)
 
 def train_run(learn:Learner, # the learner to train
               epochs:int, # total number of epochs, all phases together
-              lr:float=1e-3, # peak learning rate of the one-cycle schedule
+              lr:float=1e-3, # peak learning rate of the schedule
               freeze_epochs:int=0, # variant B: epochs with the encoder frozen before unfreezing
               frozen:bool=False, # variant A: keep the encoder frozen throughout
               run_dir=None, # folder for history, summary, checkpoints and curves (None: record nothing)
@@ -308,21 +322,23 @@ def train_run(learn:Learner, # the learner to train
               lr_mult:float=100, # how much slower the encoder learns than the decoder when unfrozen
               meta:dict=None, # settings to record in summary.json
               cbs=None, # extra callbacks for this run
+              schedule:str='one_cycle', # 'one_cycle' (`fit_one_cycle`) or 'flat_cos' (flat at `lr` for 75% of each phase, then cosine)
              ) -> pd.DataFrame:
-    "Train `learn` for `epochs` with one-cycle schedules in the phases that `frozen`/`freeze_epochs` ask for"
+    "Train `learn` for `epochs` with one-cycle (or flat-then-cosine) schedules in the phases that `frozen`/`freeze_epochs` ask for"
     _check_lr(lr, lr_mult)
+    if schedule not in SCHEDULES: raise DataError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     phases = _phases(epochs, lr, freeze_epochs, frozen, lr_mult)
     if resume and overwrite: raise DataError("resume=True and overwrite=True contradict each other: continue the run or replace it")
     if monitor is None: monitor = learn.metrics[0].name if len(learn.metrics) else 'valid_loss'
     if run_dir is None:
         if resume: raise DataError("resume=True needs the run_dir of the run to resume")
-        try: _fit_phases(learn, phases, None, (0, 0), None, cbs)
+        try: _fit_phases(learn, phases, None, (0, 0), None, cbs, schedule)
         except DataError as e: raise DataError(_plain_message(e)) from None
         return pd.DataFrame()
     run_dir, info = Path(run_dir), (learn.model_info.as_meta() if hasattr(learn, 'model_info') else {})
     meta = {'epochs': epochs, 'lr': lr, 'freeze_epochs': freeze_epochs, 'frozen': frozen, 'lr_mult': lr_mult, **info,
             'bs': learn.dls.train.bs*max(1, num_distrib()), 'processes': max(1, num_distrib()), 'train_items': len(learn.dls.train_ds), 'valid_items': len(learn.dls.valid_ds),
-            'data_fingerprint': data_fingerprint(learn.dls), **(meta or {})}
+            'data_fingerprint': data_fingerprint(learn.dls), 'schedule': schedule, **(meta or {})}
     rec = RunRecorder(run_dir, monitor, meta=meta)
     lock = RunLock(run_dir).acquire() if rec.writer else None
     try:
@@ -339,7 +355,7 @@ def train_run(learn:Learner, # the learner to train
                                                       f"({str(e).splitlines()[0]})") from None
             rec.restore(ckpt)
         else: _start_fresh(run_dir, overwrite, rec.writer)
-        _fit_phases(learn, phases, rec, start, ckpt, cbs)
+        _fit_phases(learn, phases, rec, start, ckpt, cbs, schedule)
         if rec.writer: plot_history(rec.history, fname=run_dir/'curves.png')
         if num_distrib() > 1 and torch.distributed.is_initialized(): torch.distributed.barrier()  # rank 0 has written everything
     except KeyboardInterrupt:
