@@ -104,7 +104,7 @@ def train_classifier(data:str=None, # Tiny ImageNet folder (default: one that mo
                      label_smoothing:float=0.1, # label smoothing of the cross-entropy (0: none)
                      opt:str='ranger', # optimizer: ranger (RAdam + Lookahead) or adam
                      schedule:str='flat_cos', # learning-rate schedule: flat_cos (flat 75%, then cosine) or one_cycle
-                     sam:float=0.05, # sharpness-aware minimisation's rho (0: none; SAM doubles the time per batch)
+                     sam:float=0.05, # sharpness-aware minimisation's rho (0: none; it adds a forward and backward pass per batch)
                      mixup_until:float=0.75, # share of training with MixUp (1: all of it)
                      tta:int=4): # after training, also record test-time-augmented accuracy over this many passes (0: skip)
     "Train the custom ResNet classifier on Tiny ImageNet classes (moonfast.experiments.CLASSIFIER_RECIPE by default)"
