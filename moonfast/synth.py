@@ -40,14 +40,16 @@ def _resize_noise(rng, shape, size, resample=Image.Resampling.BICUBIC):
 # %% ../nbs/07_synth.ipynb #3b8b17fd
 _BUCKETS = np.array([2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768])
 
-def _patches(x0, y0, w, h, W, H):
-    "Yield (items, xs, ys, ok) for boxes grouped by bucketed size; xs, ys: (n, bh, bw) pixel coords, ok: inside W×H"
+def _buckets(w, h):
+    "Yield (items, bh, bw): the boxes of sizes `w`, `h` grouped by bucketed size (bh×bw), smallest key first"
     bw = _BUCKETS[np.minimum(np.searchsorted(_BUCKETS, w), len(_BUCKETS)-1)]
     bh = _BUCKETS[np.minimum(np.searchsorted(_BUCKETS, h), len(_BUCKETS)-1)]
     key = bh*10_000 + bw
-    for k in np.unique(key):
-        items = np.nonzero(key == k)[0]
-        sh, sw = k//10_000, k%10_000
+    for k in np.unique(key): yield np.nonzero(key == k)[0], k//10_000, k%10_000
+
+def _patches(x0, y0, w, h, W, H):
+    "Yield (items, xs, ys, ok) for boxes grouped by bucketed size; xs, ys: (n, bh, bw) pixel coords, ok: inside W×H"
+    for items, sh, sw in _buckets(w, h):
         xs = np.broadcast_to(x0[items,None,None] + np.arange(sw)[None,None,:], (len(items), sh, sw))
         ys = np.broadcast_to(y0[items,None,None] + np.arange(sh)[None,:,None], (len(items), sh, sw))
         ok = (xs >= 0) & (xs < W) & (ys >= 0) & (ys < H)
@@ -81,13 +83,31 @@ def _scene_setup(rng, W, H, v=1):
     return sc
 
 # %% ../nbs/07_synth.ipynb #52e27a5d
+def _wrap_axis(x, m):
+    "First and second cell and their linear weights at float64 coordinates `x` on a periodic axis of `m` cells"
+    # the arithmetic of scipy.ndimage's order-1 `grid-wrap` interpolation, step for step, so the result is bit for bit its own
+    x = np.where(x < 0, x + m*(np.trunc((-1 - x)/m) + 1), np.where(x > m - 1, x - m*np.trunc(x/m), x))
+    s = np.floor(x)
+    w0 = 1.0 - (x - s)
+    i0 = s.astype(np.intp)
+    return i0, np.where(i0 + 1 >= m, i0 + 1 - m, i0 + 1), w0, 1.0 - w0
+
 def _terrain_shadow(hgt, S, relief, texel, steps=24, step=1.5):
     "Where the periodic height field `hgt` (unit std, scaled to `relief` m; `texel` m per cell) hides the sun: [0, 1], soft over 5 cm"
     h = hgt[::2, ::2]*relief; m, cell = h.shape[0], 2*texel             # at half resolution: shadows are metres long
     d = np.hypot(S[0], S[2]); dz, dx, rise = S[2]/d, S[0]/d, S[1]/d      # along the ground toward the sun; tan(elevation)
     t = (np.arange(1, steps + 1)*step).astype(np.float32)[:, None, None]  # distance marched, in cells
-    ii, jj = np.mgrid[0:m, 0:m].astype(np.float32)
-    ahead = ndi.map_coordinates(h, [(ii + t*dz).ravel(), (jj + t*dx).ravel()], order=1, mode='grid-wrap').reshape(steps, m, m)
+    # the height `t` cells toward the sun from every cell, bilinear on the periodic grid: a row's coordinate depends on the
+    # step and the row only, a column's on the step and the column, so the weights are (steps, m) tables, not per cell
+    ax = np.arange(m, dtype=np.float32)
+    r0, r1, a0, a1 = (q[:,:,None] for q in _wrap_axis(ax + t[:,0]*dz, m))
+    c0, c1, b0, b1 = (q[:,None,:] for q in _wrap_axis(ax + t[:,0]*dx, m))
+    hd = h.astype(np.float64)
+    ahead = 0.0 + hd[r0, c0]*a0*b0
+    ahead += hd[r0, c1]*a0*b1
+    ahead += hd[r1, c0]*a1*b0
+    ahead += hd[r1, c1]*a1*b1
+    ahead = ahead.astype(np.float32)
     sh = np.clip((ahead - h - t*cell*rise).max(0)/0.05, 0, 1)             # the terrain toward the sun rises above the ray
     return np.repeat(np.repeat(sh, 2, 0), 2, 1)
 
@@ -199,23 +219,37 @@ def _cast_shadows(rk, sc):
     sw, sh = np.ceil(xb - xa).astype(int) + 1, np.ceil(yb - ya).astype(int) + 1
     sel = np.nonzero((sw*sh < 300_000) & (yb > ya))[0]
     shadow, foot = np.zeros(Hg*W, np.float32), np.zeros(Hg*W, bool)
-    for it, xs, ys, ok in _patches(np.floor(xa[sel]).astype(int), np.floor(ya[sel]).astype(int), sw[sel], sh[sel], W, Hg):
+    X0, Y0 = np.floor(xa).astype(int), np.floor(ya).astype(int)
+    A1, A2, A3 = R*rk['a1'], R*rk['a2'], R*rk['a3']
+    s0, s1, s2 = S[0]/A1, S[1]/A2, S[2]/A3            # in the frame where the rock is a unit sphere: the sun direction s,
+    a, p1 = s0*s0 + s1*s1 + s2*s2, -rk['hb']/A2         # its squared length, and the ground's height p1
+    rmax = (1 + rk['hamp'].sum(1))*(1 + 1e-6)           # the outline's largest radius factor (amplitudes >= 0), a margin
+    for it, bh, bw in _buckets(sw[sel], sh[sel]):
         it = sel[it]
-        e = lambda a: a[it,None,None]
-        A1, A2, A3 = e(R*rk['a1']), e(R*rk['a2']), e(R*rk['a3'])
-        # in the frame where the rock is a unit sphere: ground point p, sun direction s
-        p = (sc['Xg'][ys, xs] - e(X))/A1, -e(rk['hb'])/A2, (sc['Zg'][ys, xs] - e(Z))/A3
-        s = S[0]/A1, S[1]/A2, S[2]/A3
-        a = s[0]*s[0] + s[1]*s[1] + s[2]*s[2]
-        b = p[0]*s[0] + p[1]*s[1] + p[2]*s[2]
-        rho = _harmonics(np.arctan2(p[2], p[0]), rk['hamp'][it], rk['hph'][it])
-        c = p[0]*p[0] + p[1]*p[1] + p[2]*p[2] - rho*rho    # < 0: under the rock itself
-        disc = b*b - a*c
-        tfar = -b + np.sqrt(np.maximum(disc, 0))
-        val = np.clip(disc/a*4*e(rx), 0, 1)*(tfar > 0)   # soft over about a pixel
-        ok = ok & (val > 0)
-        np.maximum.at(shadow, (ys*W + xs)[ok], val[ok])
-        foot[(ys*W + xs)[ok & (c < 0)]] = True
+        cols, rows = X0[it,None] + np.arange(bw), Y0[it,None] + np.arange(bh)      # (n, bw), (n, bh)
+        okc, okr = (cols >= 0) & (cols < W), (rows >= 0) & (rows < Hg)
+        cols, rows = np.where(okc, cols, 0), np.where(okr, rows, 0)
+        e = lambda q: q[it,None,None]
+        # ground point p in the rock's frame; the ray p + t·s meets the sphere of radius rmax, outside which the rock is
+        # not, where b² - a·(|p|² - rmax²) > 0: the outline (arctan2 and the harmonics' cosines, the costly part) and
+        # the exact ray test are evaluated on those pixels alone
+        p0 = (sc['Xg'][rows[:,:,None], cols[:,None,:]] - e(X))/e(A1)
+        p2 = (sc['Zrow'][rows][:,:,None] - e(Z))/e(A3)
+        b = p0*e(s0) + e(p1)*e(s1) + p2*e(s2)
+        pp = p0*p0 + e(p1)*e(p1) + p2*p2
+        k, i, j = np.nonzero(okc[:,None,:] & okr[:,:,None] & (b*b - e(a)*(pp - e(rmax)**2) > 0))
+        if not len(k): continue
+        g = it[k]
+        rho = _harmonics(np.arctan2(p2[k, i, 0], p0[k, i, j])[:,None,None], rk['hamp'][g], rk['hph'][g])[:,0,0]
+        c = pp[k, i, j] - rho*rho                      # < 0: under the rock itself
+        bk, ak = b[k, i, j], a[g]
+        disc = bk*bk - ak*c
+        tfar = -bk + np.sqrt(np.maximum(disc, 0))
+        val = np.clip(disc/ak*4*rx[g], 0, 1)*(tfar > 0)   # soft over about a pixel
+        on = val > 0
+        pix = rows[k, i]*W + cols[k, j]
+        np.maximum.at(shadow, pix[on], val[on])
+        foot[pix[on & (c < 0)]] = True
     return shadow.reshape(Hg, W), foot.reshape(Hg, W)
 
 # %% ../nbs/07_synth.ipynb #08bcb903
@@ -225,25 +259,38 @@ def _draw_rocks(rng, rk, sc, rad):
     rx, ry = rk['rx'], rk['ry']
     x0, y0 = np.floor(rk['sx'] - 1.3*rx - 1).astype(int), np.floor(rk['sy'] - 1.3*ry - 1).astype(int)
     w, h = np.ceil(2.6*rx + 3).astype(int), np.ceil(ry*(2.6 + rk['vcut'] + rk['bulge']) + 3).astype(int)
+    # a pixel can be covered only within half a pixel of the largest outline (radius factor 1 + Σ amplitudes) and above
+    # the ground line's lowest point (with margins far above rounding): the costly part is evaluated on those pixels alone
+    lim = ((1 + rk['hamp'].sum(1))*(1 + 0.5/np.minimum(rx, ry))*(1 + 1e-6))**2
+    vmax = rk['vcut'] + rk['bulge'] + 0.5/ry + 1e-6
     P, D, V, A = [], [], [], []
-    for it, xs, ys, ok in _patches(x0, y0, w, h, W, H):
-        e = lambda a: a[it,None,None]
-        u, v = (xs + 0.5 - e(rk['sx']))/e(rx), (ys + 0.5 - e(rk['sy']))/e(ry)
-        if 'taper' in rk: u = u/np.maximum(1 - e(rk['taper'])*(1 - v)/2, 0.05)   # narrower toward the top (v = -1)
-        rho = _harmonics(np.arctan2(v, u), rk['hamp'][it], rk['hph'][it])
+    for it, bh, bw in _buckets(w, h):
+        noise = rng.standard_normal((len(it), bh, bw), np.float32)   # for the whole patch, as ever: the same random stream
+        cols, rows = x0[it,None] + np.arange(bw), y0[it,None] + np.arange(bh)       # (n, bw), (n, bh)
+        uc = (cols + 0.5 - rk['sx'][it,None])/rx[it,None]
+        vr = (rows + 0.5 - rk['sy'][it,None])/ry[it,None]
+        if 'taper' in rk: u = uc[:,None,:]/np.maximum(1 - rk['taper'][it,None]*(1 - vr)/2, 0.05)[:,:,None]  # narrower toward the top (v = -1)
+        else: u = np.broadcast_to(uc[:,None,:], noise.shape)
+        okr = (rows >= 0) & (rows < H) & (vr < vmax[it,None])
+        okc = (cols >= 0) & (cols < W)
+        k, i, j = np.nonzero(okc[:,None,:] & okr[:,:,None] & (u*u + vr[:,:,None]**2 < lim[it,None,None]))
+        if not len(k): continue
+        g, u, v = it[k], u[k, i, j], vr[k, i]
+        rho = _harmonics(np.arctan2(v, u)[:,None,None], rk['hamp'][g], rk['hph'][g])[:,0,0]
         q2 = (u*u + v*v)/(rho*rho)
-        cut = e(rk['vcut']) + e(rk['bulge'])*np.sqrt(np.clip(1 - u*u, 0, 1))
-        inside = np.minimum((1 - np.sqrt(q2))*np.minimum(e(rx), e(ry)), (cut - v)*e(ry))  # ~ pixels inside the edge
+        cut = rk['vcut'][g] + rk['bulge'][g]*np.sqrt(np.clip(1 - u*u, 0, 1))
+        inside = np.minimum((1 - np.sqrt(q2))*np.minimum(rx[g], ry[g]), (cut - v)*ry[g])  # ~ pixels inside the edge
         alpha = np.clip(inside + 0.5, 0, 1)
-        ok = ok & (alpha > 0)
+        on = alpha > 0
         nz = np.sqrt(np.clip(1 - q2, 0, 1))
-        nu = u/rho + e(rk['facet'])*np.sin(e(rk['fk'][:,0,0])*u + e(rk['fk'][:,0,1])*v + e(rk['fph'][:,0]))
-        nv = v/rho + e(rk['facet'])*np.sin(e(rk['fk'][:,1,0])*u + e(rk['fk'][:,1,1])*v + e(rk['fph'][:,1]))
+        fk, fph, facet = rk['fk'][g], rk['fph'][g], rk['facet'][g]
+        nu = u/rho + facet*np.sin(fk[:,0,0]*u + fk[:,0,1]*v + fph[:,0])
+        nv = v/rho + facet*np.sin(fk[:,1,0]*u + fk[:,1,1]*v + fph[:,1])
         # screen normal (u right, v down, toward the camera) in world axes is (nu, -nv, -nz)
         lam = np.maximum((nu*S[0] - nv*S[1] - nz*S[2])/(np.sqrt(nu*nu + nv*nv + nz*nz) + 1e-6), 0)
-        col = e(rk['alb'])*(lam + 0.04)*(1 + 0.15*rng.standard_normal(lam.shape, np.float32)) + sc['amb']
-        P.append((ys*W + xs)[ok]); D.append((e(rk['Z']) - nz*e(rk['R']*rk['a3']))[ok])
-        V.append(col[ok]); A.append(alpha[ok])
+        col = rk['alb'][g]*(lam + 0.04)*(1 + 0.15*noise[k, i, j]) + sc['amb']
+        P.append((rows[k, i]*W + cols[k, j])[on]); D.append((rk['Z'][g] - nz*(rk['R']*rk['a3'])[g])[on])
+        V.append(col[on]); A.append(alpha[on])
     mask = np.zeros(H*W, np.uint8)
     if P:
         P, D, V, A = map(np.concatenate, (P, D, V, A))
