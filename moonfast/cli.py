@@ -180,7 +180,7 @@ def parse_seeds(seeds:str) -> list|None: # '3' (a count: 0, 1, 2), '0,3,5' (a li
 # %% ../nbs/99_cli.ipynb #1bfe56a6
 @call_parse
 def compare(data:str=None, # segmentation dataset folder (default: the generated set, 1000 pairs, made if missing)
-            out:str=None, # output folder (default models/compare-<epochs>ep, or ...-<images>img for shortened epochs)
+            out:str=None, # output folder (default models/runs/compare-<epochs>ep, or ...-<images>img for shortened epochs)
             budget:str=None, # time for the whole command, data generation included ('20m', '1h', '900s'; 'none': no budget); default 20m, none with --shard
             full:store_true=False, # the full comparison, with no budget: 3 seeds × 6 epochs (moonfast.budget.COMPARE_EPOCHS) × all images
             epochs:int=None, # epochs of every run (default: as many as the budget allows, up to 6)

@@ -369,8 +369,8 @@ def _lead_table(curves:dict) -> pd.DataFrame:
 def compare_dir(epochs:int, # epochs of every run
                 images:int=None, # training images per epoch, when not all
                 scale:float=None) -> Path: # the windows' scale, when the runs train on windows (see `seg_dls`)
-    "Default output folder of a comparison: `models/compare-<epochs>ep`, with `-<images>img` and `-scale<scale>` where they apply"
-    return models_path(f'compare-{epochs}ep' + (f'-{images}img' if images else '') + (f'-scale{scale:g}' if scale else ''))
+    "Default output folder of a comparison: `models/runs/compare-<epochs>ep`, with `-<images>img` and `-scale<scale>` where they apply"
+    return models_path('runs', f'compare-{epochs}ep' + (f'-{images}img' if images else '') + (f'-scale{scale:g}' if scale else ''))
 
 def _config(name):
     for c in COMPARISON:
