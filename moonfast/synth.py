@@ -47,18 +47,23 @@ def _buckets(w, h):
     key = bh*10_000 + bw
     for k in np.unique(key): yield np.nonzero(key == k)[0], k//10_000, k%10_000
 
+def _axes(x0, y0, items, bh, bw, W, H):
+    "Columns (n, bw) and rows (n, bh) of the boxes `items` at x0, y0, and whether each lies inside W×H"
+    cols, rows = x0[items,None] + np.arange(bw), y0[items,None] + np.arange(bh)
+    return cols, rows, (cols >= 0) & (cols < W), (rows >= 0) & (rows < H)
+
 def _patches(x0, y0, w, h, W, H):
     "Yield (items, xs, ys, ok) for boxes grouped by bucketed size; xs, ys: (n, bh, bw) pixel coords, ok: inside W×H"
     for items, sh, sw in _buckets(w, h):
-        xs = np.broadcast_to(x0[items,None,None] + np.arange(sw)[None,None,:], (len(items), sh, sw))
-        ys = np.broadcast_to(y0[items,None,None] + np.arange(sh)[None,:,None], (len(items), sh, sw))
-        ok = (xs >= 0) & (xs < W) & (ys >= 0) & (ys < H)
-        yield items, np.where(ok, xs, 0), np.where(ok, ys, 0), ok
+        cols, rows, okc, okr = _axes(x0, y0, items, sh, sw, W, H)
+        ok = okc[:,None,:] & okr[:,:,None]
+        yield items, np.where(ok, cols[:,None,:], 0), np.where(ok, rows[:,:,None], 0), ok
 
 def _harmonics(th, amp, ph):
-    "Radius factor 1 + Σ_k amp_k·cos((k+2)·th + ph_k) at angles `th` (n, h, w) for per-object params (n, K)"
+    "Radius factor 1 + Σ_k amp_k·cos((k+2)·th + ph_k) at angles `th` (n, ...) for per-object params (n, K)"
+    e = lambda a: a.reshape(a.shape + (1,)*(th.ndim - 1))
     r = np.ones_like(th)
-    for k in range(amp.shape[1]): r = r + amp[:,k,None,None]*np.cos((k+2)*th + ph[:,k,None,None])
+    for k in range(amp.shape[1]): r = r + e(amp[:,k])*np.cos((k+2)*th + e(ph[:,k]))
     return r
 
 # %% ../nbs/07_synth.ipynb #fabe6e47
@@ -92,6 +97,16 @@ def _wrap_axis(x, m):
     i0 = s.astype(np.intp)
     return i0, np.where(i0 + 1 >= m, i0 + 1 - m, i0 + 1), w0, 1.0 - w0
 
+def _wrap_bilinear(h, r, c):
+    "Bilinear samples (float32) of the periodic m×m grid `h` at float64 row and column coordinates `r`, `c` (broadcast together)"
+    (r0, r1, a0, a1), (c0, c1, b0, b1) = _wrap_axis(r, h.shape[0]), _wrap_axis(c, h.shape[1])
+    hd = h.astype(np.float64)
+    t = 0.0 + hd[r0, c0]*a0*b0
+    t += hd[r0, c1]*a0*b1
+    t += hd[r1, c0]*a1*b0
+    t += hd[r1, c1]*a1*b1
+    return t.astype(np.float32)
+
 def _terrain_shadow(hgt, S, relief, texel, steps=24, step=1.5):
     "Where the periodic height field `hgt` (unit std, scaled to `relief` m; `texel` m per cell) hides the sun: [0, 1], soft over 5 cm"
     h = hgt[::2, ::2]*relief; m, cell = h.shape[0], 2*texel             # at half resolution: shadows are metres long
@@ -100,14 +115,7 @@ def _terrain_shadow(hgt, S, relief, texel, steps=24, step=1.5):
     # the height `t` cells toward the sun from every cell, bilinear on the periodic grid: a row's coordinate depends on the
     # step and the row only, a column's on the step and the column, so the weights are (steps, m) tables, not per cell
     ax = np.arange(m, dtype=np.float32)
-    r0, r1, a0, a1 = (q[:,:,None] for q in _wrap_axis(ax + t[:,0]*dz, m))
-    c0, c1, b0, b1 = (q[:,None,:] for q in _wrap_axis(ax + t[:,0]*dx, m))
-    hd = h.astype(np.float64)
-    ahead = 0.0 + hd[r0, c0]*a0*b0
-    ahead += hd[r0, c1]*a0*b1
-    ahead += hd[r1, c0]*a1*b0
-    ahead += hd[r1, c1]*a1*b1
-    ahead = ahead.astype(np.float32)
+    ahead = _wrap_bilinear(h, (ax + t[:,0]*dz)[:,:,None], (ax + t[:,0]*dx)[:,None,:])
     sh = np.clip((ahead - h - t*cell*rise).max(0)/0.05, 0, 1)             # the terrain toward the sun rises above the ray
     return np.repeat(np.repeat(sh, 2, 0), 2, 1)
 
@@ -226,8 +234,7 @@ def _cast_shadows(rk, sc):
     rmax = (1 + rk['hamp'].sum(1))*(1 + 1e-6)           # the outline's largest radius factor (amplitudes >= 0), a margin
     for it, bh, bw in _buckets(sw[sel], sh[sel]):
         it = sel[it]
-        cols, rows = X0[it,None] + np.arange(bw), Y0[it,None] + np.arange(bh)      # (n, bw), (n, bh)
-        okc, okr = (cols >= 0) & (cols < W), (rows >= 0) & (rows < Hg)
+        cols, rows, okc, okr = _axes(X0, Y0, it, bh, bw, W, Hg)
         cols, rows = np.where(okc, cols, 0), np.where(okr, rows, 0)
         e = lambda q: q[it,None,None]
         # ground point p in the rock's frame; the ray p + t·s meets the sphere of radius rmax, outside which the rock is
@@ -240,7 +247,7 @@ def _cast_shadows(rk, sc):
         k, i, j = np.nonzero(okc[:,None,:] & okr[:,:,None] & (b*b - e(a)*(pp - e(rmax)**2) > 0))
         if not len(k): continue
         g = it[k]
-        rho = _harmonics(np.arctan2(p2[k, i, 0], p0[k, i, j])[:,None,None], rk['hamp'][g], rk['hph'][g])[:,0,0]
+        rho = _harmonics(np.arctan2(p2[k, i, 0], p0[k, i, j]), rk['hamp'][g], rk['hph'][g])
         c = pp[k, i, j] - rho*rho                      # < 0: under the rock itself
         bk, ak = b[k, i, j], a[g]
         disc = bk*bk - ak*c
@@ -266,17 +273,16 @@ def _draw_rocks(rng, rk, sc, rad):
     P, D, V, A = [], [], [], []
     for it, bh, bw in _buckets(w, h):
         noise = rng.standard_normal((len(it), bh, bw), np.float32)   # for the whole patch, as ever: the same random stream
-        cols, rows = x0[it,None] + np.arange(bw), y0[it,None] + np.arange(bh)       # (n, bw), (n, bh)
+        cols, rows, okc, okr = _axes(x0, y0, it, bh, bw, W, H)
         uc = (cols + 0.5 - rk['sx'][it,None])/rx[it,None]
         vr = (rows + 0.5 - rk['sy'][it,None])/ry[it,None]
         if 'taper' in rk: u = uc[:,None,:]/np.maximum(1 - rk['taper'][it,None]*(1 - vr)/2, 0.05)[:,:,None]  # narrower toward the top (v = -1)
         else: u = np.broadcast_to(uc[:,None,:], noise.shape)
-        okr = (rows >= 0) & (rows < H) & (vr < vmax[it,None])
-        okc = (cols >= 0) & (cols < W)
+        okr = okr & (vr < vmax[it,None])
         k, i, j = np.nonzero(okc[:,None,:] & okr[:,:,None] & (u*u + vr[:,:,None]**2 < lim[it,None,None]))
         if not len(k): continue
         g, u, v = it[k], u[k, i, j], vr[k, i]
-        rho = _harmonics(np.arctan2(v, u)[:,None,None], rk['hamp'][g], rk['hph'][g])[:,0,0]
+        rho = _harmonics(np.arctan2(v, u), rk['hamp'][g], rk['hph'][g])
         q2 = (u*u + v*v)/(rho*rho)
         cut = rk['vcut'][g] + rk['bulge'][g]*np.sqrt(np.clip(1 - u*u, 0, 1))
         inside = np.minimum((1 - np.sqrt(q2))*np.minimum(rx[g], ry[g]), (cut - v)*ry[g])  # ~ pixels inside the edge
