@@ -4,16 +4,16 @@
 
 # %% ../nbs/18_budget.ipynb #a62d7282
 from __future__ import annotations
-import re, time
+import re, time, math
 import numpy as np
 from fastai.vision.all import *
 from .core import DataError
 from .learners import seg_learner
 
 # %% auto #0
-__all__ = ['COMPARE_EPOCHS', 'COMPARE_SEEDS', 'MIN_EPOCHS', 'RUN_OVERHEAD', 'frozen_epochs', 'parse_budget', 'fmt_seconds',
-           'run_seconds', 'plan_comparison', 'EpochSample', 'measure_costs', 'cpu_name', 'plan_text', 'RunProgress',
-           'parse_shard', 'shard_runs', 'merge_plans']
+__all__ = ['COMPARE_EPOCHS', 'COMPARE_SEEDS', 'MIN_EPOCHS', 'RUN_OVERHEAD', 'REPLAN_MAX', 'frozen_epochs', 'parse_budget',
+           'fmt_seconds', 'run_seconds', 'plan_comparison', 'EpochSample', 'measure_costs', 'cpu_name', 'plan_text',
+           'RunProgress', 'scale_costs', 'epoch_seconds', 'replan', 'parse_shard', 'shard_runs', 'merge_plans']
 
 # %% ../nbs/18_budget.ipynb #375c2e11
 COMPARE_EPOCHS = 6         # epochs of every run of the full comparison
@@ -171,6 +171,11 @@ def plan_text(plan:dict) -> str:
     else:
         s += (f"; chosen for a {fmt_seconds(plan['budget_s'])} budget: {fmt_seconds(plan['spent_s'])} for data and timing, "
               f"{fmt_seconds(plan['predicted_s'])} of training predicted (the full comparison: about {fmt_seconds(plan['full_s'])})")
+    for r in plan.get('replanned') or []:
+        f = r['first']
+        s += (f"; re-planned after {fmt_seconds(r['after_s'])}: the first epoch ran {r['ratio']:.2f}× slower than timed (the plan "
+              f"before: {f['epochs']} epochs × {f['images_per_epoch']} images, seeds {', '.join(map(str, f['seeds']))})"
+              + (", and at that speed not even this smallest plan fits the time left" if r.get('overrun') else ''))
     n = (plan.get('shard') or [0, 1])[1]
     if n > 1: s += f"; split into {n} shards"
     if plan.get('seconds') is not None:
@@ -181,21 +186,67 @@ def plan_text(plan:dict) -> str:
 
 # %% ../nbs/18_budget.ipynb #e6c23864
 class RunProgress:
-    "One line per run: how far the comparison is, the time so far, and the predicted time left"
-    def __init__(self, t_start, predicted, log):
-        self.t_start, self.pred, self.log = t_start, list(predicted), log
+    "One line per run: how far the comparison is, the time so far, the predicted time left, and a warning when that passes the budget"
+    def __init__(self, t_start, predicted, log, budget:float=None):
+        self.t_start, self.pred, self.log, self.budget = t_start, list(predicted), log, budget
         self.done_pred, self.done_s, self.n_done = 0., 0., 0
-    def eta(self, k) -> str:
+    def left(self, k) -> float|None:
+        "Predicted seconds of the runs from `k` on (None: not known yet)"
         if not any(self.pred):  # no prediction (no budget): the mean of the runs trained so far
-            return fmt_seconds(self.done_s/self.n_done*(len(self.pred) - k)) if self.n_done else '?'
+            return self.done_s/self.n_done*(len(self.pred) - k) if self.n_done else None
         scale = self.done_s/self.done_pred if self.done_pred else 1.  # how the plan has held so far
-        return fmt_seconds(sum(self.pred[k:])*scale)
+        return sum(self.pred[k:])*scale
+    def eta(self, k) -> str:
+        s = self.left(k)
+        return '?' if s is None else fmt_seconds(s)
     def start(self, k, what):
-        self.log(f"run {k+1}/{len(self.pred)}: {what} · elapsed {fmt_seconds(time.time() - self.t_start)} · ETA {self.eta(k)}")
+        el, s = time.time() - self.t_start, self.left(k)
+        over = (f" (past the {fmt_seconds(self.budget)} budget: this machine runs slower than when it was timed; the plan "
+                "stays, so that every run trains the same)") if self.budget and s is not None and el + s > self.budget else ''
+        self.log(f"run {k+1}/{len(self.pred)}: {what} · elapsed {fmt_seconds(el)} · ETA {self.eta(k)}{over}")
         self.t0 = time.time()
     def end(self, k, trained:bool):
         if not trained: return
         self.done_s += time.time() - self.t0; self.done_pred += self.pred[k]; self.n_done += 1
+
+
+# %% ../nbs/18_budget.ipynb #476ca61f
+REPLAN_MAX = 2  # re-plans one `compare` call may make (each discards the epoch that showed the slowdown)
+
+def scale_costs(costs:dict, # configuration name -> cost (see `run_seconds`)
+                ratio:float) -> dict:
+    "`costs` with their seconds per image (train, frozen, valid) multiplied by `ratio`; the per-run overhead unchanged"
+    return {k: {f: v*ratio if f in ('train', 'frozen', 'valid') else v for f, v in c.items()} for k, c in costs.items()}
+
+def epoch_seconds(cost:dict, # a configuration's cost (see `run_seconds`)
+                  images:int, # training images per epoch
+                  n_valid:int, # validation images
+                  frozen:bool=False) -> float: # the epoch trains with the encoder frozen
+    "Predicted seconds of one epoch (training and validation) of a configuration whose measured cost is `cost`"
+    return images*(cost.get('frozen', cost['train']) if frozen else cost['train']) + n_valid*cost['valid']
+
+def replan(costs:dict, # the costs `plan` was made from
+           plan:dict, # from `plan_comparison`
+           ratio:float, # seconds the first epoch took / its prediction (`epoch_seconds`)
+           left:float, # seconds of the budget left now
+           done:float=0., # seconds of the plan's training done so far (the first epoch)
+           share:float=0.85, # the share of the time left that a new plan's prediction may fill
+           reserve:float=10., # seconds kept back for the final figures
+           freeze_epochs:int=None, # variant B's frozen epochs
+           **fixed) -> dict|None: # the settings the user fixed (epochs, seeds, images), kept in a new plan
+    "None when `plan` still fits the `left` seconds at the speed seen; else the largest plan that does (or the smallest, marked `overrun`)"
+    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0):
+        raise DataError(f"replan: ratio={ratio!r}; expected a positive number (seconds seen / seconds predicted)")
+    if ratio <= 1: return None
+    sc, (E, n, S) = scale_costs(costs, ratio), (plan['epochs'], plan['images_per_epoch'], plan['seeds'])
+    rest = len(S)*sum(run_seconds(c, E, n, plan['n_valid'], freeze_epochs) for c in sc.values()) - done
+    if rest <= left - reserve: return None
+    args = dict(n_train=plan['n_train'], n_valid=plan['n_valid'], bs=plan['bs'], freeze_epochs=freeze_epochs, **fixed)
+    try: new = plan_comparison(sc, (left - reserve)*share, **args)
+    except DataError as e:
+        if not hasattr(e, 'minimum'): raise
+        new = plan_comparison(sc, e.minimum, **args); new['overrun'] = True
+    return None if (new['epochs'], new['images_per_epoch'], new['seeds']) == (E, n, S) else new
 
 # %% ../nbs/18_budget.ipynb #38fec753
 def parse_shard(shard) -> tuple|None: # 'i/n' (e.g. '0/4'), an (i, n) pair, or None / '' (no sharding)

@@ -18,7 +18,7 @@ from .optim import FusedAdam
 from .train import SCHEDULES, train_run, data_fingerprint, setting_differences, sync_run, check_number, save_checkpoint, _unwrap, _epoch_values
 from .budget import (COMPARE_EPOCHS, COMPARE_SEEDS, MIN_EPOCHS, frozen_epochs, EpochSample, parse_budget, fmt_seconds,
                             run_seconds, plan_comparison, measure_costs, plan_text, RunProgress, cpu_name,
-                            parse_shard, shard_runs, merge_plans)
+                            parse_shard, shard_runs, merge_plans, REPLAN_MAX, scale_costs, epoch_seconds, replan)
 _all_ = ['COMPARE_EPOCHS', 'COMPARE_SEEDS', 'parse_budget', 'plan_comparison']  # the comparison's size, with it
 
 # %% auto #0
@@ -161,7 +161,8 @@ def run_seg(dls, # DataLoaders from `seg_dls`
             precision:str='auto', # see `precision_cbs`
             resume:bool=False, # continue the run in `run_dir`
             overwrite:bool=False, # start afresh in a `run_dir` that holds (the start of) a run
-            meta:dict=None): # more settings to record
+            meta:dict=None, # more settings to record
+            cbs=None): # more callbacks for the run
     "Train one segmentation run and return its learner (best weights loaded) and summary"
     if variant != 'scratch' and not pretrained: raise DataError(f"variant {variant!r} needs a pretrained encoder")
     fe = frozen_epochs(variant, epochs, freeze_epochs)
@@ -169,7 +170,7 @@ def run_seg(dls, # DataLoaders from `seg_dls`
     set_seed(seed, reproducible=True)
     dls.train.rng = random.Random(seed)  # same seed, same batch order, whatever ran before on these DataLoaders
     learn = seg_learner(dls, arch=arch, pretrained=pretrained, precision=precision)
-    train_run(learn, epochs, lr, run_dir=run_dir, resume=resume, overwrite=overwrite, cbs=EpochSample(images) if images else None, **kw,
+    train_run(learn, epochs, lr, run_dir=run_dir, resume=resume, overwrite=overwrite, cbs=L(EpochSample(images) if images else None) + L(cbs), **kw,
               meta={'arch': arch, 'pretrained': bool(pretrained), 'variant': variant, 'seed': seed,
                     'images_per_epoch': images, 'precision': resolve_precision(precision), **(meta or {})})
     summary = {}
@@ -484,6 +485,38 @@ def _prev_times(pf:Path) -> dict:
     except (OSError, ValueError): return {}
     return {k: old[k] for k in ('seconds', 'extend_seconds', 'seconds_note') if old.get(k) is not None}
 
+class _PlanCheck(Callback):
+    "Time the first epoch of a budgeted comparison's first run; when `decide` finds the plan no longer fits, stop the run"
+    order = TrackerCallback.order + 1   # after the run's records of the epoch (`RunRecorder`)
+    def __init__(self, decide, # decide(ratio, left=, done=): the plan to start again with, or None (see `replan`)
+                 pred:float, # the epoch's predicted seconds (`epoch_seconds`)
+                 deadline:float): # `time.time()` when the budget ends
+        self.decide, self.pred, self.deadline, self.seen, self.ratio, self.plan = decide, pred, deadline, None, None, None
+    def before_fit(self):
+        if self.plan is not None: raise CancelFitException()   # a later phase of the stopped run (variant B): not trained
+    def before_epoch(self):
+        if self.seen is None: self.t0 = time.perf_counter()
+    def after_epoch(self):
+        if self.seen is not None: return
+        self.seen = time.perf_counter() - self.t0
+        self.ratio = self.seen/self.pred
+        self.plan = self.decide(self.ratio, left=self.deadline - time.time(), done=self.seen)
+        if self.plan is not None: raise CancelFitException()
+
+def _decode_all(dls):
+    "Decode every item of `dls` once, into the item cache"
+    for ds in (dls.train_ds, dls.valid_ds):
+        for i in range(len(ds)): ds[i]
+
+def _discard(out, rd, pf, made) -> Path|None:
+    "Remove what a comparison started in `out` wrote before it was re-planned (the stopped run `rd`, its claim, plan file `pf`), and the folders in `made` once empty; the output folder when it went too"
+    shutil.rmtree(rd, ignore_errors=True)
+    for f in (out/'comparison.json', pf): f.unlink(missing_ok=True)
+    for d in reversed(made):
+        try: d.rmdir()   # only when empty
+        except OSError: pass
+    return None if out.exists() else out
+
 def compare(data=None, # segmentation dataset folder (default: the generated set, made if missing)
             out=None, # output folder (default `compare_dir(epochs, images)`)
             epochs:int=None, # epochs of every run (default: COMPARE_EPOCHS; with a budget, as many as fit up to it)
@@ -507,7 +540,7 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
             started:float=None, # `time.time()` when the budget's clock started (default: now)
             log=print, # progress messages
            ) -> pd.DataFrame:
-    "Train and compare the U-Nets over seeds, within `budget` if one is given (never with shards); returns the results table"
+    "Train and compare the U-Nets over seeds, within `budget` if one is given (never with shards; re-planned once the first epoch shows the real speed); returns the results table"
     t_start, log = (started if started is not None else time.time()), log or (lambda *a: None)
     budget, seeds, shard = parse_budget(budget), _check_seeds(seeds), parse_shard(shard)
     i_sh, n_sh = shard or (0, 1)
@@ -527,6 +560,7 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
     if budget is None: costs = {c['name']: {'variant': c['variant'], 'train': 0., 'valid': 0.} for c in cfgs}
     else:
         log("timing a few training and validation batches of each architecture ...")
+        _decode_all(dls)   # decoded now, so that the first epoch costs what the timed batches did
         costs = measure_costs(dls, cfgs, precision)
     spent = time.time() - t_start
     avail = None if budget is None else (budget - spent)*BUDGET_SHARE - 10  # reserve: final figures, and the prediction's error
@@ -535,49 +569,76 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
         if budget is None or not hasattr(e, 'minimum'): raise
         raise DataError(f"budget {fmt_seconds(budget)} is too small: {e}, and {fmt_seconds(spent)} went to data and timing; "
                         f"allow at least {fmt_seconds(spent + (e.minimum + 10)/BUDGET_SHARE)}, or run without a budget") from None
-    plan.update(budget_s=budget, train_budget_s=None if avail is None else round(avail, 1), spent_s=round(spent, 1), precision=resolve_precision(precision), cpu=cpu_name(), data=str(data), seconds=None,
-                costs={k: {kk: round(v, 5) if isinstance(v, float) else v for kk, v in c.items()} for k, c in costs.items()})
-    if budget is None: plan.update(predicted_s=None, full_s=None)
-    E, S = plan['epochs'], plan['seeds']
-    im = None if plan['all_images'] else plan['images_per_epoch']
-    out = Path(out) if out is not None else compare_dir(E, im, scale)
-    out.mkdir(parents=True, exist_ok=True)
-    _claim(out, dict(configs=cfgs, seeds=S, epochs=E, images_per_epoch=im, lr=lr, bs=bs, size=size, scale=scale, data=str(data),
-                     data_fingerprint=data_fingerprint(dls), precision=plan['precision'], freeze_epochs=freeze_epochs,
-                     split_seed=split_seed, valid_pct=valid_pct, shards=n_sh,
-                     pretrained=str(pretrained) if any(c['pretrained'] for c in cfgs) else None))
-    plan['shard'] = [i_sh, n_sh]
-    pf = out/('plan.json' if n_sh == 1 else f'plan-shard{i_sh}of{n_sh}.json')  # shards never write the same file
-    prev = _prev_times(pf)   # what earlier calls into this folder spent (a resumed comparison, an extension): kept, added to
-    plan.update(prev)
-    atomic_write(pf, lambda p: p.write_text(json.dumps(plan, indent=1)))
-    log(f"plan: {plan_text(plan)}"); log(f"writing to {out}" + (f", shard {i_sh}/{n_sh}" if n_sh > 1 else ""))
-    todo = shard_runs(cfgs, S, shard)
-    prog = RunProgress(t_start, [run_seconds(costs[c['name']], E, plan['images_per_epoch'], nv, freeze_epochs) if budget else 0.
-                               for _, c in todo], log)
-    t_ext, trained = 0., False
-    for k, (seed, cfg) in enumerate(todo):
-        rd = out/'runs'/_run_name(cfg, seed)
-        s, learn = _finished(rd, E, im), None
-        prog.start(k, f"{cfg['name']} seed {seed}" + (" (finished before)" if s is not None else ""))
-        if s is None:
-            learn, s = run_seg(dls, arch=cfg['arch'], pretrained=pretrained if cfg['pretrained'] else False,
-                               variant=cfg['variant'], epochs=E, lr=lr, seed=seed, run_dir=rd, freeze_epochs=freeze_epochs,
-                               images=im, precision=precision, resume=(rd/'last.pth').exists(),
-                               overwrite=rd.exists() and not any((rd/f).exists() for f in ('last.pth', 'summary.json')),
-                               meta={'name': cfg['name'], 'data': str(data), 'bs': bs, 'size': size})
-        if seed == S[0] and (learn is not None or not (out/f"samples-{cfg['name']}.png").exists()):
-            if learn is None:
-                learn = seg_learner(dls, arch=cfg['arch'], precision=precision)
-                learn.model.load_state_dict(torch.load(rd/'best.pth', weights_only=True))
-            plot_samples(learn, n_samples, out/f"samples-{cfg['name']}.png", title=cfg['name'])
-        trained |= learn is not None
-        if extend:
-            t0 = time.time()
-            x = extend_run(dls, rd, precision=precision, **(extend if isinstance(extend, dict) else {}))
-            t_ext += time.time() - t0
-            log(f"{cfg['name']} seed {seed} trained on: Dice {x['run_dice']:.4f} → {x['dice']:.4f} in {x['epochs']} more epochs ({x['stopped']})")
-        prog.end(k, learn is not None)
+    replans = []   # what each re-plan saw (see `_PlanCheck`)
+    while True:
+        plan.update(budget_s=budget, train_budget_s=None if avail is None else round(avail, 1), spent_s=round(spent, 1), precision=resolve_precision(precision), cpu=cpu_name(), data=str(data), seconds=None,
+                    costs={k: {kk: round(v, 5) if isinstance(v, float) else v for kk, v in c.items()} for k, c in costs.items()})
+        if budget is None: plan.update(predicted_s=None, full_s=None)
+        if replans: plan['replanned'] = replans
+        E, S = plan['epochs'], plan['seeds']
+        im = None if plan['all_images'] else plan['images_per_epoch']
+        out_k = Path(out) if out is not None else compare_dir(E, im, scale)
+        pf = out_k/('plan.json' if n_sh == 1 else f'plan-shard{i_sh}of{n_sh}.json')  # shards never write the same file
+        made = [d for d in (out_k.parent, out_k, out_k/'runs') if not d.exists()]   # the folders this call makes
+        fresh = not any(f.exists() for f in (out_k/'comparison.json', out_k/'runs', pf))   # nothing of another call's here
+        out_k.mkdir(parents=True, exist_ok=True)
+        _claim(out_k, dict(configs=cfgs, seeds=S, epochs=E, images_per_epoch=im, lr=lr, bs=bs, size=size, scale=scale, data=str(data),
+                           data_fingerprint=data_fingerprint(dls), precision=plan['precision'], freeze_epochs=freeze_epochs,
+                           split_seed=split_seed, valid_pct=valid_pct, shards=n_sh,
+                           pretrained=str(pretrained) if any(c['pretrained'] for c in cfgs) else None))
+        plan['shard'] = [i_sh, n_sh]
+        prev = _prev_times(pf)   # what earlier calls into this folder spent (a resumed comparison, an extension): kept, added to
+        plan.update(prev)
+        atomic_write(pf, lambda p: p.write_text(json.dumps(plan, indent=1)))
+        log(f"plan: {plan_text(plan)}"); log(f"writing to {out_k}" + (f", shard {i_sh}/{n_sh}" if n_sh > 1 else ""))
+        todo = shard_runs(cfgs, S, shard)
+        prog = RunProgress(t_start, [run_seconds(costs[c['name']], E, plan['images_per_epoch'], nv, freeze_epochs) if budget else 0.
+                                     for _, c in todo], log, budget)
+        check = None
+        if budget is not None and fresh and len(replans) < REPLAN_MAX:   # a new budgeted comparison: its first epoch is checked
+            cfg0 = todo[0][1]
+            pred0 = epoch_seconds(costs[cfg0['name']], plan['images_per_epoch'], nv, frozen=cfg0['variant'] != 'scratch')
+            check = _PlanCheck(partial(replan, costs, plan, share=BUDGET_SHARE, freeze_epochs=freeze_epochs,
+                                       epochs=epochs, seeds=seeds, images=images), pred0, t_start + budget)
+        t_ext, trained = 0., False
+        for k, (seed, cfg) in enumerate(todo):
+            rd = out_k/'runs'/_run_name(cfg, seed)
+            s, learn = _finished(rd, E, im), None
+            prog.start(k, f"{cfg['name']} seed {seed}" + (" (finished before)" if s is not None else ""))
+            if s is None:
+                learn, s = run_seg(dls, arch=cfg['arch'], pretrained=pretrained if cfg['pretrained'] else False,
+                                   variant=cfg['variant'], epochs=E, lr=lr, seed=seed, run_dir=rd, freeze_epochs=freeze_epochs,
+                                   images=im, precision=precision, resume=(rd/'last.pth').exists(),
+                                   overwrite=rd.exists() and not any((rd/f).exists() for f in ('last.pth', 'summary.json')),
+                                   meta={'name': cfg['name'], 'data': str(data), 'bs': bs, 'size': size},
+                                   cbs=check if k == 0 else None)
+                if check is not None and check.plan is not None: break   # the plan no longer fits: start again
+            if seed == S[0] and (learn is not None or not (out_k/f"samples-{cfg['name']}.png").exists()):
+                if learn is None:
+                    learn = seg_learner(dls, arch=cfg['arch'], precision=precision)
+                    learn.model.load_state_dict(torch.load(rd/'best.pth', weights_only=True))
+                plot_samples(learn, n_samples, out_k/f"samples-{cfg['name']}.png", title=cfg['name'])
+            trained |= learn is not None
+            if extend:
+                t0 = time.time()
+                x = extend_run(dls, rd, precision=precision, **(extend if isinstance(extend, dict) else {}))
+                t_ext += time.time() - t0
+                log(f"{cfg['name']} seed {seed} trained on: Dice {x['run_dice']:.4f} → {x['dice']:.4f} in {x['epochs']} more epochs ({x['stopped']})")
+            prog.end(k, learn is not None)
+        if check is None or check.plan is None: break
+        left = t_start + budget - time.time()
+        _discard(out_k, rd, pf, made)
+        fs = lambda x: f"{x:.1f} s" if x < 10 else fmt_seconds(x)
+        log(f"re-planning: the first epoch took {fs(check.seen)} where the timing predicted {fs(check.pred)} "
+            f"({check.ratio:.2f}×, the machine is slower now than when it was timed); at that speed this plan would not fit the "
+            f"{fmt_seconds(left)} left of the budget, so the comparison starts again with one that does (that epoch is "
+            f"discarded, with what the stopped comparison wrote in {out_k})")
+        replans.append(dict(after_s=round(time.time() - t_start, 1), epoch_s=round(check.seen, 1), predicted_epoch_s=round(check.pred, 1),
+                            ratio=round(check.ratio, 3), overrun=bool(check.plan.get('overrun')),
+                            first={'epochs': E, 'images_per_epoch': plan['images_per_epoch'], 'seeds': S, 'out': str(out_k)}))
+        costs, plan = scale_costs(costs, check.ratio), check.plan
+        avail = round((left - 10)*BUDGET_SHARE, 1)
+    out = out_k
     if trained or (prev.get('seconds') is None and not extend):   # this call's training time, added to earlier calls'
         plan['seconds'] = round((prev.get('seconds') or 0) + time.time() - t_start - t_ext, 1)
     if extend: plan['extend_seconds'] = round((prev.get('extend_seconds') or 0) + t_ext, 1)
@@ -588,6 +649,7 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
         table = pd.DataFrame(); table.attrs.update(out=str(out), plan=plan, missing=missing)  # no table yet
         return table
     return aggregate(out)
+
 
 # %% ../nbs/18_experiments.ipynb #b0d923de
 class _UntilPlateau(Callback):

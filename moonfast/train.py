@@ -356,7 +356,7 @@ def train_run(learn:Learner, # the learner to train
             rec.restore(ckpt)
         else: _start_fresh(run_dir, overwrite, rec.writer)
         _fit_phases(learn, phases, rec, start, ckpt, cbs, schedule)
-        if rec.writer: plot_history(rec.history, fname=run_dir/'curves.png')
+        if rec.writer and rec.history: plot_history(rec.history, fname=run_dir/'curves.png')   # none when stopped in its first epoch
         if num_distrib() > 1 and torch.distributed.is_initialized(): torch.distributed.barrier()  # rank 0 has written everything
     except KeyboardInterrupt:
         if rec.writer: _sync_records(run_dir)
