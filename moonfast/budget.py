@@ -12,8 +12,9 @@ from .learners import seg_learner
 
 # %% auto #0
 __all__ = ['COMPARE_EPOCHS', 'COMPARE_SEEDS', 'MIN_EPOCHS', 'RUN_OVERHEAD', 'REPLAN_MAX', 'frozen_epochs', 'parse_budget',
-           'fmt_seconds', 'run_seconds', 'plan_comparison', 'EpochSample', 'measure_costs', 'cpu_name', 'plan_text',
-           'RunProgress', 'scale_costs', 'epoch_seconds', 'replan', 'parse_shard', 'shard_runs', 'merge_plans']
+           'fmt_seconds', 'run_seconds', 'plan_seconds', 'plan_comparison', 'EpochSample', 'measure_costs', 'cpu_name',
+           'plan_text', 'RunProgress', 'scale_costs', 'epoch_seconds', 'replan', 'parse_shard', 'shard_runs',
+           'merge_plans']
 
 # %% ../nbs/18_budget.ipynb #375c2e11
 COMPARE_EPOCHS = 6         # epochs of every run of the full comparison
@@ -56,6 +57,11 @@ def run_seconds(cost:dict, # 'train', 'frozen' and 'valid' seconds per image, 'o
     return (images*(fe*cost.get('frozen', cost['train']) + (epochs - fe)*cost['train'])
             + epochs*n_valid*cost['valid'] + cost.get('overhead', 0.))
 
+def plan_seconds(costs:dict, # configuration name -> cost
+                 epochs:int, images:int, seeds:list, n_valid:int, freeze_epochs:int=None) -> float:
+    "Predicted seconds of every run of a plan: each configuration in `costs` once per seed"
+    return len(seeds)*sum(run_seconds(c, epochs, images, n_valid, freeze_epochs) for c in costs.values())
+
 # %% ../nbs/18_budget.ipynb #52cbb289
 def _plan_error(budget, k, cands, total):
     E, n, S = min(cands, key=lambda c: total(*c))
@@ -86,7 +92,7 @@ def plan_comparison(costs:dict, # configuration name -> cost (see `run_seconds`)
     def n_opts(E):
         if images is not None: return [min(images//bs*bs, full)]
         return list(range(full, lo - 1, -bs)) if E == E_opts[0] else [full]
-    total = lambda E, n, S: len(S)*sum(run_seconds(c, E, n, n_valid, freeze_epochs) for c in costs.values())
+    total = lambda E, n, S: plan_seconds(costs, E, n, S, n_valid, freeze_epochs)
     cands = [(E, n, S) for E in E_opts for n in n_opts(E) for S in S_opts]
     ok = [c for c in cands if budget is None or total(*c) <= budget]
     if not ok: raise _plan_error(budget, len(costs), cands, total)
@@ -239,7 +245,7 @@ def replan(costs:dict, # the costs `plan` was made from
         raise DataError(f"replan: ratio={ratio!r}; expected a positive number (seconds seen / seconds predicted)")
     if ratio <= 1: return None
     sc, (E, n, S) = scale_costs(costs, ratio), (plan['epochs'], plan['images_per_epoch'], plan['seeds'])
-    rest = len(S)*sum(run_seconds(c, E, n, plan['n_valid'], freeze_epochs) for c in sc.values()) - done
+    rest = plan_seconds(sc, E, n, S, plan['n_valid'], freeze_epochs) - done
     if rest <= left - reserve: return None
     args = dict(n_train=plan['n_train'], n_valid=plan['n_valid'], bs=plan['bs'], freeze_epochs=freeze_epochs, **fixed)
     try: new = plan_comparison(sc, (left - reserve)*share, **args)

@@ -597,7 +597,7 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
         check = None
         if budget is not None and fresh and len(replans) < REPLAN_MAX:   # a new budgeted comparison: its first epoch is checked
             cfg0 = todo[0][1]
-            pred0 = epoch_seconds(costs[cfg0['name']], plan['images_per_epoch'], nv, frozen=cfg0['variant'] != 'scratch')
+            pred0 = epoch_seconds(costs[cfg0['name']], plan['images_per_epoch'], nv, frozen=frozen_epochs(cfg0['variant'], E, freeze_epochs) > 0)
             check = _PlanCheck(partial(replan, costs, plan, share=BUDGET_SHARE, freeze_epochs=freeze_epochs,
                                        epochs=epochs, seeds=seeds, images=images), pred0, t_start + budget)
         t_ext, trained = 0., False
