@@ -496,9 +496,10 @@ class _PlanCheck(Callback):
         if self.plan is not None: raise CancelFitException()   # a later phase of the stopped run (variant B): not trained
     def before_epoch(self):
         if self.seen is None: self.t0 = time.perf_counter()
+    def after_validate(self):   # training and validation: not the checkpoints written after them (synced to disk, slow at times)
+        if self.seen is None: self.seen = time.perf_counter() - self.t0
     def after_epoch(self):
-        if self.seen is not None: return
-        self.seen = time.perf_counter() - self.t0
+        if self.seen is None or self.ratio is not None: return
         self.ratio = self.seen/self.pred
         self.plan = self.decide(self.ratio, left=self.deadline - time.time(), done=self.seen)
         if self.plan is not None: raise CancelFitException()
