@@ -16,6 +16,7 @@ from .models import *
 from .metrics import *
 from .optim import FusedAdam
 from .cpu.speedups import speed_up, ChannelsLast
+from .cpu.threads import ThreadGuard
 from .train import *
 from .inference import *
 
@@ -83,7 +84,7 @@ def build_learner(dls:DataLoaders, # the data
                   loss_func, # the loss
                   metrics=None, # fastai metrics
                   precision:str='auto', # 'auto', 'fp32', 'bf16' or 'fp16' (see `precision_cbs`)
-                  speedups:bool=True, # on the CPU: `speed_up(model)` and the `ChannelsLast` callback, in any precision
+                  speedups:bool=True, # on the CPU: `speed_up(model)`, the `ChannelsLast` callback and `ThreadGuard`, in any precision
                   cbs=None, # extra callbacks
                   arch:str=None, # the architecture's name, recorded by `train_run`
                   img_size=None, # the training size (h, w) (default: `dls.img_size`, which moonfast's data builders set)
@@ -92,7 +93,7 @@ def build_learner(dls:DataLoaders, # the data
                  ) -> Learner:
     "A fastai `Learner` with moonfast's precision callback and, on the CPU, its speed-ups"
     cuda = _on_cuda(dls)
-    if speedups and not cuda: speed_up(model); cbs = L(ChannelsLast()) + L(cbs)
+    if speedups and not cuda: speed_up(model); cbs = L(ChannelsLast(), ThreadGuard()) + L(cbs)
     info = ModelInfo(arch, img_size if img_size is not None else getattr(dls, 'img_size', None), weights, getattr(dls, 'scale', None))
     kwargs.setdefault('path', project_root()); kwargs.setdefault('opt_func', FusedAdam)
     learn = Learner(dls, model, loss_func=loss_func, metrics=metrics,
