@@ -9,6 +9,7 @@ import numpy as np
 from fastai.vision.all import *
 from .core import DataError
 from .learners import seg_learner
+from .cpu.threads import next_threads, start_threads, threads_start
 
 # %% auto #0
 __all__ = ['COMPARE_EPOCHS', 'COMPARE_SEEDS', 'MIN_EPOCHS', 'RUN_OVERHEAD', 'REPLAN_MAX', 'frozen_epochs', 'parse_budget',
@@ -116,18 +117,22 @@ class EpochSample(Callback):
 
 # %% ../nbs/18_budget.ipynb #f5fbadf2
 class _BatchClock(Callback):
-    "Stamp the time after each training batch; stop the fit after `n` batches"
+    "Stamp the time (and the process's CPU time) after each training batch; stop the fit after `n` batches"
     order = 100
-    def __init__(self, n:int): self.n, self.stamps = n, []
-    def before_train(self): self.stamps = [time.perf_counter()]
+    def __init__(self, n:int): self.n, self.stamps, self.cpu = n, [], []
+    def before_train(self): self.stamps, self.cpu = [time.perf_counter()], [time.process_time()]
     def after_batch(self):
         if not self.training: return
-        self.stamps.append(time.perf_counter())
+        self.stamps.append(time.perf_counter()); self.cpu.append(time.process_time())
         if len(self.stamps) > self.n: raise CancelFitException()
     def per_batch(self) -> float:
         "Mean seconds per batch, without the first (warm-up) one when there are more"
         d = np.diff(self.stamps)
         return float(d[1:].mean() if len(d) > 1 else d[0])
+    def share(self, threads:int) -> float:
+        "CPU time over wall time per thread in those batches (about 1 when the threads had their cores)"
+        k = 1 if len(self.stamps) > 2 else 0
+        return (self.cpu[-1] - self.cpu[k]) / max(self.stamps[-1] - self.stamps[k], 1e-12) / threads
 
 RUN_OVERHEAD = 2.0  # seconds per run beyond setup and batches: checkpoints, records, curves
 
@@ -142,7 +147,10 @@ def measure_costs(dls, # DataLoaders from `seg_dls`, as the comparison uses them
     mdls.img_size = getattr(dls, 'img_size', None)
     for dl in (tdl, vdl):
         for _ in dl: pass  # decode and cache the items to time
-    meas = {}
+    meas, full = {}, torch.get_num_threads()
+    start_threads(None)                       # time on all threads first
+    def timed(learn):
+        clock = _BatchClock(n_batches + 1); learn.fit(1, 1e-4, cbs=clock); return clock
     for arch in dict.fromkeys(c['arch'] for c in configs):
         t0 = time.perf_counter()
         learn = seg_learner(mdls, arch=arch, precision=precision)  # freezing, not the weights, changes the cost
@@ -151,11 +159,15 @@ def measure_costs(dls, # DataLoaders from `seg_dls`, as the comparison uses them
         with learn.no_bar(), learn.no_logging():
             for f in frozen:
                 learn.freeze() if f else learn.unfreeze()
-                clock = _BatchClock(n_batches + 1)
-                learn.fit(1, 1e-4, cbs=clock)
-                m['frozen' if f else 'train'] = clock.per_batch()/tdl.bs
-            t0 = time.perf_counter(); learn.validate(dl=vdl)
-            m['valid'] = (time.perf_counter() - t0)/vdl.n
+                clock = timed(learn); per = clock.per_batch()
+                if not meas and not f and full > 1 and (n := next_threads(full, full, clock.share(full), None)) < full:
+                    start_threads(n, full)    # threads short of cores: try fewer, as the runs' ThreadGuard would
+                    if (p := timed(learn).per_batch()) < per: per = p
+                    else: start_threads(None)
+                m['frozen' if f else 'train'] = per/tdl.bs
+            torch.set_num_threads(threads_start(full))
+            try: t0 = time.perf_counter(); learn.validate(dl=vdl); m['valid'] = (time.perf_counter() - t0)/vdl.n
+            finally: torch.set_num_threads(full)
         meas[arch] = m
     return {c['name']: {'variant': c['variant'], 'train': meas[c['arch']]['train'],
                         'frozen': meas[c['arch']].get('frozen', meas[c['arch']]['train']), 'valid': meas[c['arch']]['valid'],

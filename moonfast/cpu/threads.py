@@ -4,7 +4,7 @@
 
 # %% ../../nbs/14b_cpu_threads.ipynb #c0e6d168
 from __future__ import annotations
-import os, time
+import time
 from pathlib import Path
 import torch
 from fastai.callback.core import Callback
@@ -12,7 +12,7 @@ from fastai.torch_core import find_bs
 from ..core import DataError
 
 # %% auto #0
-__all__ = ['cpu_times', 'IdleMeter', 'next_threads', 'restore_threads', 'ThreadGuard']
+__all__ = ['cpu_times', 'IdleMeter', 'next_threads', 'start_threads', 'threads_start', 'restore_threads', 'ThreadGuard']
 
 # %% ../../nbs/14b_cpu_threads.ipynb #2a7bc755
 def cpu_times(text:str|None=None) -> tuple[float, float, int]|None: # the text of /proc/stat (default: read it)
@@ -51,6 +51,19 @@ def next_threads(cur:int, # the thread count in use
 
 # %% ../../nbs/14b_cpu_threads.ipynb #bc9f3ca6
 _LOWERED = None   # (the count a guard set, the count before it) while a guard has changed torch's thread count
+_START = None     # (full count, count) the next guard starts at: what the last fit ended on, when that was fewer
+
+def start_threads(n:int|None, # the count to start at (None: the full count)
+                  full:int|None=None): # the full count it applies to (default: torch's count now)
+    "Make the next `ThreadGuard` fits start on `n` threads (they go back up on their own once cores sit idle)"
+    global _START
+    full = full or torch.get_num_threads()
+    _START = (full, n) if n is not None and 1 <= n < full else None
+
+def threads_start(full:int|None=None) -> int: # the full count (default: torch's count now)
+    "The thread count the next `ThreadGuard` fit starts on"
+    full = full or torch.get_num_threads()
+    return _START[1] if _START is not None and _START[0] == full else full
 
 def _set_threads(n:int, full:int):
     global _LOWERED
@@ -85,7 +98,9 @@ class ThreadGuard(Callback):
         self.active = self.full > 1 and (dev is None or torch.device(dev).type == 'cpu')
         self.rows, self.trial, self.wait, self.backoff, self.events = [], None, 0, self.patience, []
         self.meter = self.idle if self.idle is not None else IdleMeter()
-        if self.active: self.meter()
+        if not self.active: return
+        self.meter()
+        if _START is not None and _START[0] == self.full: _set_threads(_START[1], self.full); self.cur = _START[1]
 
     def before_batch(self):
         if self.active and self.training: self.t0, self.c0 = self.clock(), self.cpu_clock()
@@ -115,4 +130,7 @@ class ThreadGuard(Callback):
         if nt != self.cur: self.trial = (self.cur, per_item); _set_threads(nt, self.full); self.cur = nt
 
     def after_fit(self):
-        if getattr(self, 'active', False): restore_threads()
+        if not getattr(self, 'active', False): return
+        ended = self.trial[0] if self.trial is not None else self.cur   # a count still on trial is not carried over
+        start_threads(ended if ended < self.full else None, self.full)     # the next fit starts where this one ended
+        restore_threads()
