@@ -81,7 +81,7 @@ static void __attribute__((noinline)) vmax3(const typename E::A* __restrict__ h0
     y[j] = E::st_exact(m); ix[j] = uint8_t(io);
   }
 }
-// input gradients [lo, hi) of a row whose three windows rows are all inside the output: g0..g2 and q0..q2 are the
+// input gradients [lo, hi) of a row whose three window rows are all inside the output: g0..g2 and q0..q2 are the
 // output gradient and positions of its windows' rows with kh = 0, 1, 2; taps summed in window order, as tap_grad does
 template <typename E>
 static void __attribute__((noinline)) grad3(const typename E::S* __restrict__ g0, const typename E::S* __restrict__ g1,
@@ -106,7 +106,7 @@ static void pool_forward(const typename Elt<T>::S* x, typename Elt<T>::S* y, uin
                          int64_t W, int64_t C, int64_t OH, int64_t OW, int64_t k, int64_t p) {
   using E = Elt<T>; using A = typename E::A; using S = typename E::S; using P = typename PosOf<A>::P;
   const int64_t L = OW * C;
-  // output columns [c0, c1) see only input columns: the 3×3 pool's fused pass; the rest tap by tap
+  // output columns [c0, c1) have their whole window inside the input: the 3×3 pool's fused pass; the rest tap by tap
   const int64_t c0 = std::min<int64_t>(p, OW), c1 = k == 3 ? std::max<int64_t>(c0, std::min<int64_t>(OW, W - 2 + p)) : c0;
   // row maxima of input row xr over output columns [a, b), tap by tap: window column kw covers output columns
   // [max(0, p - kw), min(OW, W + p - kw)); kw = 0 comes first for all but the first p, where kw = p - ow is first
