@@ -13,8 +13,15 @@ template <typename V> struct PosOf { using P = int32_t; };
 template <> struct PosOf<double> { using P = int64_t; };
 template <> struct PosOf<uint16_t> { using P = int16_t; };
 
-// m, io: running maximum and its window position; the first tap of a value sets them (FIRST), a later one takes x
-// where it beats m or is NaN: ties keep the first position, the last NaN wins, as in PyTorch.
+// The rule of every running maximum m and its window position io: v takes over where it beats m or is NaN, so ties
+// keep the first position and the last NaN wins, as in PyTorch.
+template <typename A, typename P>
+static inline void take(A v, A& m, P& io, P pos) {
+  const bool t = (v > m) | (v != v);
+  m = t ? v : m; io = t ? pos : io;
+}
+
+// m, io over a run of values: the first tap of a value sets them (FIRST), a later one follows `take`
 template <typename E, bool FIRST>
 static void __attribute__((noinline)) tap_max(const typename E::S* __restrict__ x, typename E::A* __restrict__ m,
                                               typename PosOf<typename E::A>::P* __restrict__ io, int64_t lo, int64_t hi,
@@ -23,9 +30,7 @@ static void __attribute__((noinline)) tap_max(const typename E::S* __restrict__ 
   for (int64_t j = lo; j < hi; ++j) {
     typename E::A v = E::ld(x[j]);
     if (FIRST) { m[j] = v; io[j] = P(pos); continue; }
-    bool t = (v > m[j]) | (v != v);
-    m[j] = t ? v : m[j];
-    io[j] = t ? P(pos) : io[j];
+    take(v, m[j], io[j], P(pos));
   }
 }
 // the same over the maxima hm of one input row (positions hk within the row), for window row `base / k`
@@ -36,9 +41,7 @@ static void __attribute__((noinline)) row_max(const A* __restrict__ hm, const ty
   for (int64_t j = 0; j < n; ++j) {
     A v = hm[j];
     if (FIRST) { m[j] = v; io[j] = P(base + hk[j]); continue; }
-    bool t = (v > m[j]) | (v != v);
-    m[j] = t ? v : m[j];
-    io[j] = t ? P(base + hk[j]) : io[j];
+    take(v, m[j], io[j], P(base + hk[j]));
   }
 }
 // acc += the output gradients whose window maximum sits at position `pos` of their window
@@ -61,8 +64,8 @@ static void __attribute__((noinline)) hmax3(const typename E::S* __restrict__ x,
   using A = typename E::A; using P = typename PosOf<A>::P;
   for (int64_t j = lo; j < hi; ++j) {
     A m = E::ld(x[j - p * C]); P io = 0;
-    const A v1 = E::ld(x[j + (1 - p) * C]); bool t = (v1 > m) | (v1 != v1); m = t ? v1 : m; io = t ? P(1) : io;
-    const A v2 = E::ld(x[j + (2 - p) * C]); t = (v2 > m) | (v2 != v2); m = t ? v2 : m; io = t ? P(2) : io;
+    take(E::ld(x[j + (1 - p) * C]), m, io, P(1));
+    take(E::ld(x[j + (2 - p) * C]), m, io, P(2));
     hm[j] = m; hk[j] = io;
   }
 }
@@ -76,8 +79,8 @@ static void __attribute__((noinline)) vmax3(const typename E::A* __restrict__ h0
   using A = typename E::A; using P = typename PosOf<A>::P;
   for (int64_t j = 0; j < n; ++j) {
     A m = h0[j]; P io = k0[j];
-    bool t = (h1[j] > m) | (h1[j] != h1[j]); m = t ? h1[j] : m; io = t ? P(3 + k1[j]) : io;
-    t = (h2[j] > m) | (h2[j] != h2[j]); m = t ? h2[j] : m; io = t ? P(6 + k2[j]) : io;
+    take(h1[j], m, io, P(3 + k1[j]));
+    take(h2[j], m, io, P(6 + k2[j]));
     y[j] = E::st_exact(m); ix[j] = uint8_t(io);
   }
 }
@@ -243,9 +246,7 @@ static void __attribute__((noinline)) strided_tap(const typename E::S* __restric
     for (int64_t c = 0; c < C; ++c) {
       const typename E::A v = E::ld(x[ow * xstep + c]);
       if (FIRST) { m[ow * C + c] = v; io[ow * C + c] = P(pos); continue; }
-      const bool u = (v > m[ow * C + c]) | (v != v);           // NaN wins (the last one), ties keep the first, as in PyTorch
-      m[ow * C + c] = u ? v : m[ow * C + c];
-      io[ow * C + c] = u ? P(pos) : io[ow * C + c];
+      take(v, m[ow * C + c], io[ow * C + c], P(pos));
     }
 }
 // the input gradient of one window position over an input row: g where the window's maximum sat there, else 0
