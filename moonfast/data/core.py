@@ -17,7 +17,7 @@ _all_ = ['WIDE_MODES', 'IMG_EXTS', 'to_8bit', 'image_files', 'open_image', 'scal
 
 # %% auto #0
 __all__ = ['default_cache', 'scan_images', 'mem_available', 'ItemCache', 'get_cache', 'TileRef', 'LoadImage', 'LoadMask',
-           'check_batch', 'WIDE_MODES', 'IMG_EXTS', 'to_8bit', 'image_files', 'open_image', 'scaled_hw']
+           'FastItemsDL', 'check_batch', 'WIDE_MODES', 'IMG_EXTS', 'to_8bit', 'image_files', 'open_image', 'scaled_hw']
 
 # %% ../../nbs/03_data_core.ipynb #236ad6b7
 _ENDS = {'PNG': b'IEND\xaeB`\x82', 'JPEG': b'\xff\xd9'}   # the bytes a complete file of the format ends with
@@ -223,6 +223,39 @@ class LoadMask(_Loader):
     def _load(self, fn):
         m = Image.fromarray(self.convert(np.asarray(open_image(fn, None)), fn))
         return torch.from_numpy(np.asarray(_resize(m, self._target(m), Image.NEAREST)).copy())
+
+# %% ../../nbs/03_data_core.ipynb #de494289
+class FastItemsDL(TfmdDL):
+    "`TfmdDL` that stacks a batch of `LoadImage`/`LoadMask` items and `Categorize` labels column by column, without a transform call per item (same batches)"
+    def _columns(self):
+        "Per dataset column `(its items, getter index, loader or Categorize)`, or `None` where the short path does not apply"
+        ds = self.dataset
+        if (not isinstance(ds, Datasets) or self.prebatched or not self.indexed or len(self.before_batch.fs)
+                or not all(isinstance(f, ToTensor) for f in self.after_item.fs)): return None
+        cols = []
+        for tl in ds.tls:
+            fs = list(tl.tfms.fs)
+            if len(fs) != 2 or type(fs[0]) is not ItemGetter or not isinstance(fs[1], (_Loader, Categorize)): return None
+            cols.append((tl.items, fs[0].i, fs[1]))
+        return cols
+
+    def _stack(self, cols, idx):
+        out = []
+        for items, i, t in cols:
+            os_ = [items[s][i] for s in idx]
+            if isinstance(t, Categorize): out.append(TensorCategory(torch.tensor([t.vocab.o2i[o] for o in os_])))
+            else: out.append(t._type(torch.stack([o.crop(t._get(o.fn)) if isinstance(o, TileRef) else t._get(o) for o in os_])))
+        return tuple(out)
+
+    def create_batches(self, samps):
+        cols = self._columns()
+        if cols is None: yield from super().create_batches(samps); return
+        self.it = iter(self.dataset)
+        for idx in self.chunkify(samps):
+            idx = list(idx)
+            try: b = self._stack(cols, idx)
+            except Exception: b = None   # fastai's path builds it, or raises its own error for it
+            yield b if b is not None else self.do_batch([o for o in map(self.do_item, idx) if o is not None])
 
 # %% ../../nbs/03_data_core.ipynb #a7340a13
 def _check_dir(path, what='dataset folder') -> Path:

@@ -137,7 +137,7 @@ def imagenet_dls(path, # Tiny ImageNet folder (wnids.txt, words.txt, train/, val
                        getters=[ItemGetter(0), ItemGetter(1)],
                        splitter=IndexSplitter(range(len(train), len(train)+len(valid))),
                        batch_tfms=cls_batch_tfms(hw, aug, item_size))
-    dls = dblock.dataloaders(train + valid, bs=bs, num_workers=num_workers, **kwargs)
+    dls = dblock.dataloaders(train + valid, bs=bs, num_workers=num_workers, **{'dl_type': FastItemsDL, **kwargs})
     if seed is not None: dls.train.rng = random.Random(seed)
     dls.wnid_names = {w: names.get(w, w) for w in dls.vocab}
     dls.class_names = [dls.wnid_names[w] for w in dls.vocab]
