@@ -235,7 +235,8 @@ class FastItemsDL(TfmdDL):
         cols = []
         for tl in ds.tls:
             fs = list(tl.tfms.fs)
-            if len(fs) != 2 or type(fs[0]) is not ItemGetter or not isinstance(fs[1], (_Loader, Categorize)): return None
+            if (len(fs) != 2 or type(fs[0]) is not ItemGetter or not isinstance(fs[1], (_Loader, Categorize))
+                    or isinstance(fs[1], MultiCategorize)): return None   # its labels are lists
             cols.append((tl.items, fs[0].i, fs[1]))
         return cols
 
