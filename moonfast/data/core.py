@@ -192,8 +192,9 @@ class _Loader(Transform):
     "Shared by `LoadImage`/`LoadMask`: the target size (fixed or by `scale`), the cache, windows (`TileRef`)"
     def _target(self, im): return self.hw if self.scale is None else scaled_hw(im.size[::-1], self.scale)
     def _get(self, fn): return self.cache.get(fn, self._key, self._load) if self.cache is not None else self._load(fn)
-    def encodes(self, fn:Path|str): return self._type(self._get(fn))
-    def encodes(self, t:TileRef): return self._type(t.crop(self._get(t.fn)))
+    def _plain(self, o): return o.crop(self._get(o.fn)) if isinstance(o, TileRef) else self._get(o)   # the tensor, untyped
+    def encodes(self, fn:Path|str): return self._type(self._plain(fn))
+    def encodes(self, t:TileRef): return self._type(self._plain(t))
 
 class LoadImage(_Loader):
     "Decode an image file to an RGB uint8 `TensorImage` (3×h×w) resized to `size` (or by `scale`), through `cache`"
@@ -245,7 +246,7 @@ class FastItemsDL(TfmdDL):
         for items, i, t in cols:
             os_ = [items[s][i] for s in idx]
             if isinstance(t, Categorize): out.append(TensorCategory(torch.tensor([t.vocab.o2i[o] for o in os_])))
-            else: out.append(t._type(torch.stack([o.crop(t._get(o.fn)) if isinstance(o, TileRef) else t._get(o) for o in os_])))
+            else: out.append(t._type(torch.stack([t._plain(o) for o in os_])))
         return tuple(out)
 
     def create_batches(self, samps):
