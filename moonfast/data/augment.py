@@ -33,7 +33,7 @@ class FastAffineCoordTfm(AffineCoordTfm):
         warp = len(self.coord_fs) > 0 and not self.split_idx
         if warp:
             for f in self.coord_fs:
-                # on plain tensors: the same solve, without fastai's subclass dispatch on its ~40 small ops (0.8 → 0.3 ms a batch)
+                # on plain tensors: the same solve, without fastai's subclass dispatch on its ~40 small ops (0.8 → 0.3 ms a batch of 128, Xeon with AMX)
                 c = find_coeffs(f.orig_pts.as_subclass(Tensor), f.targ_pts.as_subclass(Tensor)).float().view(n, 8)
                 m = torch.cat([c, c.new_ones(n, 1)], 1).view(n, 3, 3) @ m
         ac = bool(self.align_corners)
