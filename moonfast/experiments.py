@@ -7,8 +7,8 @@ from __future__ import annotations
 import json, math, os, random, time, shutil, tempfile
 from pathlib import Path
 import numpy as np, pandas as pd, torch
+from .core import DataError, atomic_write, models_path, data_path, find_data, to_markdown, size_hw   # first: moonfast filters fastai's `torch.jit.script` warning (see 00_core)
 from fastai.vision.all import *
-from .core import DataError, atomic_write, models_path, data_path, find_data, to_markdown, size_hw
 from .data.imagenet import imagenet_dls, read_wnids
 from .data.seg import seg_dls
 from .synth import make_lunar_dataset

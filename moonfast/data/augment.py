@@ -5,9 +5,9 @@
 # %% ../../nbs/04_augment.ipynb #b6262a51
 from __future__ import annotations
 import torch
+from ..core import DataError, size_hw   # first: moonfast filters fastai's `torch.jit.script` warning (see 00_core)
 from fastai.vision.all import *
 from fastai.vision.augment import _WarpCoord, find_coeffs
-from ..core import DataError, size_hw
 from ..cpu.build import cpu_ext
 
 # %% auto #0

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np, torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import get_worker_info
+from ..core import DataError, size_hw   # first: moonfast filters fastai's `torch.jit.script` warning (see 00_core)
 from fastai.vision.all import *
-from ..core import DataError, size_hw
 from ..imageio import *
 
 _all_ = ['WIDE_MODES', 'IMG_EXTS', 'to_8bit', 'image_files', 'open_image', 'scaled_hw']   # re-exported from moonfast.imageio
