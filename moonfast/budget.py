@@ -7,6 +7,7 @@ from __future__ import annotations
 import re, time, math
 import numpy as np
 from fastai.vision.all import *
+from fastprogress.fastprogress import IN_NOTEBOOK
 from .core import DataError
 from .learners import seg_learner
 from .cpu.threads import next_threads, start_threads, threads_start
@@ -204,28 +205,62 @@ def plan_text(plan:dict) -> str:
 
 # %% ../nbs/18_budget.ipynb #e6c23864
 class RunProgress:
-    "One line per run: how far the comparison is, the time so far, the predicted time left, and a warning when that passes the budget"
-    def __init__(self, t_start, predicted, log, budget:float=None):
-        self.t_start, self.pred, self.log, self.budget = t_start, list(predicted), log, budget
+    "The comparison's progress: a line per run, and after every epoch an overall bar with the time so far and the ETA"
+    def __init__(self, t_start, predicted, log, budget:float=None,
+                 epochs:int=None, # epochs each run trains: the bar moves after each (None: it moves run by run)
+                 live:bool=None): # draw the bar in place, as HTML (None: in a notebook; a console gets a line an epoch)
+        self.t_start, self.pred, self.log, self.budget, self.epochs = t_start, list(predicted), log, budget, epochs
         self.done_pred, self.done_s, self.n_done = 0., 0., 0
-    def left(self, k) -> float|None:
-        "Predicted seconds of the runs from `k` on (None: not known yet)"
+        self.live, self._shown = (IN_NOTEBOOK if live is None else live), None
+    def _frac(self, e) -> float: return min(e/self.epochs, 1.) if self.epochs else 0.
+    def left(self, k, e=0) -> float|None:
+        "Predicted seconds from epoch `e` of run `k` on (None: not known yet)"
         if not any(self.pred):  # no prediction (no budget): the mean of the runs trained so far
-            return self.done_s/self.n_done*(len(self.pred) - k) if self.n_done else None
+            return self.done_s/self.n_done*(len(self.pred) - k - self._frac(e)) if self.n_done else None
         scale = self.done_s/self.done_pred if self.done_pred else 1.  # how the plan has held so far
-        return sum(self.pred[k:])*scale
-    def eta(self, k) -> str:
-        s = self.left(k)
+        return (sum(self.pred[k:]) - self._frac(e)*self.pred[k])*scale
+    def eta(self, k, e=0) -> str:
+        s = self.left(k, e)
         return '?' if s is None else fmt_seconds(s)
+    def fraction(self, k, e=0) -> float:
+        "How much of the comparison is done after epoch `e` of run `k`: by predicted time, or by runs without predictions"
+        total = sum(self.pred)
+        if total <= 0: return min((k + self._frac(e))/len(self.pred), 1.)
+        return min((sum(self.pred[:k]) + self._frac(e)*self.pred[k])/total, 1.)
+    def bar(self, k, e=0, width:int=30) -> str:
+        "The overall bar after epoch `e` of run `k`, with where the comparison is, the time so far and the ETA"
+        f = self.fraction(k, e); n = int(f*width)   # a block is drawn once it is full
+        where = f"run {k+1}/{len(self.pred)}" + (f", epoch {e}/{self.epochs}" if self.epochs else '')
+        return (f"comparison |{'█'*n}{'-'*(width - n)}| {f:.0%} · {where} · elapsed {fmt_seconds(time.time() - self.t_start)}"
+                f" · ETA {self.eta(k, e)}")
+    def show(self, k, e=0):
+        "Draw the bar: replaced in place in a notebook, a new line of the log elsewhere"
+        if not self.live: return self.log(self.bar(k, e))
+        from IPython.display import display, HTML
+        f = self.fraction(k, e)
+        h = HTML(f'<div><progress value="{round(f*1000)}" max="1000" style="width:300px;height:12px;vertical-align:middle">'
+                 f'</progress> {self.bar(k, e).split("| ", 1)[1]}</div>')
+        if self._shown is None: self._shown = display(h, display_id=True)
+        else: self._shown.update(h)
     def start(self, k, what):
         el, s = time.time() - self.t_start, self.left(k)
         over = (f" (past the {fmt_seconds(self.budget)} budget: this machine runs slower than when it was timed; the plan "
                 "stays, so that every run trains the same)") if self.budget and s is not None and el + s > self.budget else ''
         self.log(f"run {k+1}/{len(self.pred)}: {what} · elapsed {fmt_seconds(el)} · ETA {self.eta(k)}{over}")
+        if self.live: self.show(k)
         self.t0 = time.time()
     def end(self, k, trained:bool):
         if not trained: return
         self.done_s += time.time() - self.t0; self.done_pred += self.pred[k]; self.n_done += 1
+    def callback(self, k) -> Callback:
+        "A fastai callback for run `k`'s learner that shows the bar after each of its epochs (all phases counted)"
+        return _EpochBar(self, k)
+
+class _EpochBar(Callback):
+    "Show a `RunProgress` bar after every epoch of one run"
+    order = Recorder.order + 2
+    def __init__(self, prog, k): self.prog, self.k, self.n = prog, k, 0
+    def after_epoch(self): self.n += 1; self.prog.show(self.k, self.n)
 
 
 # %% ../nbs/18_budget.ipynb #476ca61f

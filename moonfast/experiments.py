@@ -542,6 +542,7 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
             log=print, # progress messages
            ) -> pd.DataFrame:
     "Train and compare the U-Nets over seeds, within `budget` if one is given (never with shards; re-planned once the first epoch shows the real speed); returns the results table"
+    live = None if log else False   # silent: no bar in a notebook either
     t_start, log = (started if started is not None else time.time()), log or (lambda *a: None)
     budget, seeds, shard = parse_budget(budget), _check_seeds(seeds), parse_shard(shard)
     i_sh, n_sh = shard or (0, 1)
@@ -594,7 +595,7 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
         log(f"plan: {plan_text(plan)}"); log(f"writing to {out_k}" + (f", shard {i_sh}/{n_sh}" if n_sh > 1 else ""))
         todo = shard_runs(cfgs, S, shard)
         prog = RunProgress(t_start, [run_seconds(costs[c['name']], E, plan['images_per_epoch'], nv, freeze_epochs) if budget else 0.
-                                     for _, c in todo], log, budget)
+                                     for _, c in todo], log, budget, epochs=E, live=live)
         check = None
         if budget is not None and fresh and len(replans) < REPLAN_MAX:   # a new budgeted comparison: its first epoch is checked
             cfg0 = todo[0][1]
@@ -612,7 +613,7 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
                                    images=im, precision=precision, resume=(rd/'last.pth').exists(),
                                    overwrite=rd.exists() and not any((rd/f).exists() for f in ('last.pth', 'summary.json')),
                                    meta={'name': cfg['name'], 'data': str(data), 'bs': bs, 'size': size},
-                                   cbs=check if k == 0 else None)
+                                   cbs=[prog.callback(k)] + ([check] if check is not None and k == 0 else []))
                 if check is not None and check.plan is not None: break   # the plan no longer fits: start again
             if seed == S[0] and (learn is not None or not (out_k/f"samples-{cfg['name']}.png").exists()):
                 if learn is None:
