@@ -227,19 +227,20 @@ class RunProgress:
         total = sum(self.pred)
         if total <= 0: return min((k + self._frac(e))/len(self.pred), 1.)
         return min((sum(self.pred[:k]) + self._frac(e)*self.pred[k])/total, 1.)
+    def _status(self, k, e) -> str:
+        "How much is done, where the comparison is, the time so far and the ETA (the text beside the bar)"
+        where = f"run {k+1}/{len(self.pred)}" + (f", epoch {e}/{self.epochs}" if self.epochs else '')
+        return f"{self.fraction(k, e):.0%} · {where} · elapsed {fmt_seconds(time.time() - self.t_start)} · ETA {self.eta(k, e)}"
     def bar(self, k, e=0, width:int=30) -> str:
         "The overall bar after epoch `e` of run `k`, with where the comparison is, the time so far and the ETA"
-        f = self.fraction(k, e); n = int(f*width)   # a block is drawn once it is full
-        where = f"run {k+1}/{len(self.pred)}" + (f", epoch {e}/{self.epochs}" if self.epochs else '')
-        return (f"comparison |{'█'*n}{'-'*(width - n)}| {f:.0%} · {where} · elapsed {fmt_seconds(time.time() - self.t_start)}"
-                f" · ETA {self.eta(k, e)}")
+        n = int(self.fraction(k, e)*width)   # a block is drawn once it is full
+        return f"comparison |{'█'*n}{'-'*(width - n)}| {self._status(k, e)}"
     def show(self, k, e=0):
         "Draw the bar: replaced in place in a notebook, a new line of the log elsewhere"
         if not self.live: return self.log(self.bar(k, e))
         from IPython.display import display, HTML
-        f = self.fraction(k, e)
-        h = HTML(f'<div><progress value="{round(f*1000)}" max="1000" style="width:300px;height:12px;vertical-align:middle">'
-                 f'</progress> {self.bar(k, e).split("| ", 1)[1]}</div>')
+        h = HTML(f'<div><progress value="{round(self.fraction(k, e)*1000)}" max="1000" '
+                 f'style="width:300px;height:12px;vertical-align:middle"></progress> {self._status(k, e)}</div>')
         if self._shown is None: self._shown = display(h, display_id=True)
         else: self._shown.update(h)
     def start(self, k, what):
