@@ -208,10 +208,11 @@ class RunProgress:
     "The comparison's progress: a line per run, and after every epoch an overall bar with the time so far and the ETA"
     def __init__(self, t_start, predicted, log, budget:float=None,
                  epochs:int=None, # epochs each run trains: the bar moves after each (None: it moves run by run)
-                 live:bool=None): # draw the bar in place, as HTML (None: in a notebook; a console gets a line an epoch)
+                 live:bool=None, # draw the bar in place, as HTML (None: in a notebook; a console gets a line an epoch)
+                 handle=None): # the notebook display to draw into (a re-planned comparison's: it goes on in one bar)
         self.t_start, self.pred, self.log, self.budget, self.epochs = t_start, list(predicted), log, budget, epochs
         self.done_pred, self.done_s, self.n_done = 0., 0., 0
-        self.live, self._shown = (IN_NOTEBOOK if live is None else live), None
+        self.live, self.handle = (IN_NOTEBOOK if live is None else live), handle
     def _frac(self, e) -> float: return min(e/self.epochs, 1.) if self.epochs else 0.
     def left(self, k, e=0) -> float|None:
         "Predicted seconds from epoch `e` of run `k` on (None: not known yet)"
@@ -241,8 +242,8 @@ class RunProgress:
         from IPython.display import display, HTML
         h = HTML(f'<div><progress value="{round(self.fraction(k, e)*1000)}" max="1000" '
                  f'style="width:300px;height:12px;vertical-align:middle"></progress> {self._status(k, e)}</div>')
-        if self._shown is None: self._shown = display(h, display_id=True)
-        else: self._shown.update(h)
+        if self.handle is None: self.handle = display(h, display_id=True)
+        else: self.handle.update(h)
     def start(self, k, what):
         el, s = time.time() - self.t_start, self.left(k)
         over = (f" (past the {fmt_seconds(self.budget)} budget: this machine runs slower than when it was timed; the plan "

@@ -571,7 +571,7 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
         if budget is None or not hasattr(e, 'minimum'): raise
         raise DataError(f"budget {fmt_seconds(budget)} is too small: {e}, and {fmt_seconds(spent)} went to data and timing; "
                         f"allow at least {fmt_seconds(spent + (e.minimum + 10)/BUDGET_SHARE)}, or run without a budget") from None
-    replans = []   # what each re-plan saw (see `_PlanCheck`)
+    replans, prog = [], None   # what each re-plan saw (see `_PlanCheck`); the progress (a re-plan's goes on in its bar)
     while True:
         plan.update(budget_s=budget, train_budget_s=None if avail is None else round(avail, 1), spent_s=round(spent, 1), precision=resolve_precision(precision), cpu=cpu_name(), data=str(data), seconds=None,
                     costs={k: {kk: round(v, 5) if isinstance(v, float) else v for kk, v in c.items()} for k, c in costs.items()})
@@ -595,7 +595,7 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
         log(f"plan: {plan_text(plan)}"); log(f"writing to {out_k}" + (f", shard {i_sh}/{n_sh}" if n_sh > 1 else ""))
         todo = shard_runs(cfgs, S, shard)
         prog = RunProgress(t_start, [run_seconds(costs[c['name']], E, plan['images_per_epoch'], nv, freeze_epochs) if budget else 0.
-                                     for _, c in todo], log, budget, epochs=E, live=live)
+                                     for _, c in todo], log, budget, epochs=E, live=live, handle=prog and prog.handle)
         check = None
         if budget is not None and fresh and len(replans) < REPLAN_MAX:   # a new budgeted comparison: its first epoch is checked
             cfg0 = todo[0][1]
