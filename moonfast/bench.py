@@ -120,6 +120,7 @@ def bench_task(task:str, # 'classifier' or 'unet'
     return dict(task=task, bs=bs, data=what, epochs=pd.DataFrame(ep_rows), reps=pd.DataFrame(rep_rows), precision=prec,
                 profile_moonfast=pd.DataFrame(prof.rows), profile_baseline=pd.DataFrame(prof_base), ops=ops,
                 flops_train=model_flops(model, size, True), flops_infer=model_flops(model, size, False),
+                lane_ceiling=lane_ceiling(model, size) if resolve_device().type == 'cpu' else None,
                 params=sum(p.numel() for p in model.parameters()), train_items=len(learn.dls.train_ds))
 
 # %% ../nbs/20_bench.ipynb #21d4f8f2
@@ -147,7 +148,7 @@ def summarize(results:list, # `bench_task` results
                          'inference % bound': 100*in_s/bound_i, 'peak RSS MiB': _med(e.peak_mib),
                          'RSS rise MiB': _med(e.rise_mib), 'epochs': len(e), 'val metric': f"{met} {float(e[met].iloc[-1]):.4f}",
                          'val loss': float(e.valid_loss.iloc[-1]), 'cpu': info['cpu'], 'threads': info['torch_threads'],
-                         'data': r['data']})
+                         'data': r['data'], 'lane ceiling %': None if r.get('lane_ceiling') is None else 100*r['lane_ceiling']})
     return pd.DataFrame(rows)
 
 def ratios(summary:pd.DataFrame) -> pd.DataFrame: # from `summarize`
@@ -259,9 +260,13 @@ def report_markdown(summary, rt, tg, prof, info, ops) -> str:
             + ''.join(f"- {m} data: {d}\n" for m, d in info['data'].items()) + "\n")
     cols = ['model', 'pipeline', 'precision', 'bs', 'epoch img/s', 'first epoch img/s', 'steps img/s', 'inference img/s',
             'train bound img/s', 'epoch % bound', 'steps % bound', 'inference % bound', 'peak RSS MiB', 'RSS rise MiB', 'val metric']
-    miss = [f"- missed: {t['target']}: {t['measured']} against {t['wanted']} ({t['margin %']:+.1f}%); see the op profile below\n"
+    notes = [f"- missed: {t['target']}: {t['measured']} against {t['wanted']} ({t['margin %']:+.1f}%); see the op profile below\n"
             for _, t in tg.iterrows() if not t['pass']]
+    lc = summary[summary.pipeline == 'moonfast'].dropna(subset=['lane ceiling %']) if 'lane ceiling %' in summary else summary[:0]
+    if len(lc): notes.append(f"- lane ceiling on this CPU ({vector_lanes(info.get('cpu_class'))} fp32 lanes a register, "
+                            "`moonfast.perf.lane_ceiling`): channel-vectorised convolutions can reach at most "
+                            + ', '.join(f"{m} {v:.1f}%" for m, v in zip(lc.model, lc['lane ceiling %'])) + " of the FLOP bound\n")
     return (head + "### Throughput\n\n" + to_markdown(_round(summary[cols])) + "\n### moonfast / baseline\n\n"
-            + to_markdown(_round(rt, 2)) + "\n### Targets\n\n" + to_markdown(tg) + "\n" + ''.join(miss)
-            + ("\n" if miss else "") + "### Where a training batch's time goes\n\n" + to_markdown(_round(prof))
+            + to_markdown(_round(rt, 2)) + "\n### Targets\n\n" + to_markdown(tg) + "\n" + ''.join(notes)
+            + ("\n" if notes else "") + "### Where a training batch's time goes\n\n" + to_markdown(_round(prof))
             + "\n### moonfast's training step by operation (own CPU time)\n\n" + to_markdown(_round(ops)))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/19b_perf.ipynb #pf000004
 from __future__ import annotations
-import copy, os, platform, re, statistics, time
+import copy, math, os, platform, re, statistics, time
 from contextlib import contextmanager
 from pathlib import Path
 import pandas as pd, torch, torch.nn as nn, torchvision
@@ -19,8 +19,8 @@ from .learners import CPUAutocast
 from .baseline import resolve_device, sync_device, PeakMemory, PHASES
 
 # %% auto #0
-__all__ = ['CPU_FLAGS', 'matmul_gflops', 'model_flops', 'cpu_class', 'cpu_label', 'machine_info', 'StepProfiler', 'Interleave',
-           'learner_step_rate', 'learner_infer_rate', 'op_profile']
+__all__ = ['CPU_FLAGS', 'matmul_gflops', 'model_flops', 'cpu_class', 'cpu_label', 'vector_lanes', 'lane_use', 'lane_ceiling',
+           'machine_info', 'StepProfiler', 'Interleave', 'learner_step_rate', 'learner_infer_rate', 'op_profile']
 
 # %% ../nbs/19b_perf.ipynb #d00338bc
 _DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -78,6 +78,52 @@ def cpu_class(cpuinfo:str|None=None) -> dict: # the text of /proc/cpuinfo (defau
 def cpu_label(c:dict) -> str: # from `cpu_class`
     "The CPU class in one line: vendor, model name and the flags it has"
     return f"{c['vendor']} {c['model']} ({', '.join(f for f in CPU_FLAGS if c.get(f)) or 'none of ' + '/'.join(CPU_FLAGS)})"
+
+# %% ../nbs/19b_perf.ipynb #87808e9a
+def vector_lanes(c:dict|None=None) -> int: # from `cpu_class` (default: this machine's)
+    "fp32 lanes of the widest vector registers the CPU's kernels use: 16 with AVX-512, 8 with AVX2, else 4 (SSE, NEON)"
+    c = cpu_class() if c is None else c
+    return 16 if c.get('avx512f') else 8 if c.get('avx2') else 4
+
+_LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+def _layer_flops(mod, x, o) -> tuple[int, int, float]:
+    "Input channels, output channels and forward FLOPs per image of one convolution or linear layer on input `x`, output `o`"
+    if isinstance(mod, nn.Linear): return mod.in_features, mod.out_features, 2*mod.in_features*mod.out_features*x[0].numel()/mod.in_features
+    ci, co, k = mod.in_channels, mod.out_channels, math.prod(mod.kernel_size)
+    if isinstance(mod, nn.ConvTranspose2d): return ci, co, 2*ci*co//mod.groups*k*x.shape[2]*x.shape[3]   # per input pixel
+    return ci, co, 2*ci//mod.groups*co*k*o.shape[2]*o.shape[3]                                       # per output pixel
+
+def lane_use(model:nn.Module, # the model (not changed: a copy is run)
+             size=128, # image side, or (h, w)
+             lanes:int|None=None, # fp32 lanes of a vector register (default: this CPU's, `vector_lanes`)
+             in_channels:int=3, # channels of the input image
+             bs:int=2) -> pd.DataFrame: # images in the measured batch
+    "Per convolution/linear layer and training pass: the channels it vectorises along, its MFLOP per image and the share of lanes they use"
+    lanes = vector_lanes() if lanes is None else lanes
+    if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1: raise DataError(f"lanes={lanes!r}: expected a positive int")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    m = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).train()
+    names, rows = {id(mod): n for n, mod in m.named_modules()}, []
+    def hook(mod, i, o):
+        ci, co, f = _layer_flops(mod, i[0], o)
+        passes = [('forward', co), ('weight gradient', co)] + ([('input gradient', ci)] if i[0].requires_grad else [])
+        rows.extend(dict(layer=names[id(mod)], kind=type(mod).__name__, **{'pass': p}, channels=c, mflop=f/1e6,
+                         lane_use=c/(math.ceil(c/lanes)*lanes)) for p, c in passes)
+    hs = [mod.register_forward_hook(hook) for mod in m.modules() if isinstance(mod, _LAYERS)]
+    try: m(torch.randn(bs, in_channels, h, w))
+    finally:
+        for hk in hs: hk.remove()
+    if not rows: raise DataError(f"{type(model).__name__} has no convolution or linear layer: nothing to vectorise along channels")
+    return pd.DataFrame(rows)
+
+def lane_ceiling(model:nn.Module, # the model (not changed)
+                 size=128, # image side, or (h, w)
+                 lanes:int|None=None, # fp32 lanes of a vector register (default: this CPU's)
+                 **kwargs) -> float: # more arguments for `lane_use`
+    "The share of the matmul rate that channel-vectorised kernels can at most reach on `model`'s training step (FLOP-weighted lane use)"
+    d = lane_use(model, size, lanes, **kwargs)
+    return float(d.mflop.sum() / (d.mflop/d.lane_use).sum())
 
 # %% ../nbs/19b_perf.ipynb #947c113c
 def machine_info(device=None) -> dict: # default: CUDA if available, else CPU
