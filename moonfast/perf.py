@@ -79,7 +79,7 @@ def cpu_label(c:dict) -> str: # from `cpu_class`
     "The CPU class in one line: vendor, model name and the flags it has"
     return f"{c['vendor']} {c['model']} ({', '.join(f for f in CPU_FLAGS if c.get(f)) or 'none of ' + '/'.join(CPU_FLAGS)})"
 
-# %% ../nbs/19b_perf.ipynb #87808e9a
+# %% ../nbs/19b_perf.ipynb #2eef71b2
 def vector_lanes(c:dict|None=None) -> int: # from `cpu_class` (default: this machine's)
     "fp32 lanes of the widest vector registers the CPU's kernels use: 16 with AVX-512, 8 with AVX2, else 4 (SSE, NEON)"
     c = cpu_class() if c is None else c
