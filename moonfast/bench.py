@@ -148,7 +148,8 @@ def summarize(results:list, # `bench_task` results
                          'inference % bound': 100*in_s/bound_i, 'peak RSS MiB': _med(e.peak_mib),
                          'RSS rise MiB': _med(e.rise_mib), 'epochs': len(e), 'val metric': f"{met} {float(e[met].iloc[-1]):.4f}",
                          'val loss': float(e.valid_loss.iloc[-1]), 'cpu': info['cpu'], 'threads': info['torch_threads'],
-                         'data': r['data'], 'lane ceiling %': None if r.get('lane_ceiling') is None else 100*r['lane_ceiling']})
+                         'data': r['data'],   # the lane ceiling is of fp32 kernels (bf16 ones pack their lanes otherwise)
+                         'lane ceiling %': 100*r['lane_ceiling'] if prec == 'fp32' and r.get('lane_ceiling') is not None else None})
     return pd.DataFrame(rows)
 
 def ratios(summary:pd.DataFrame) -> pd.DataFrame: # from `summarize`
