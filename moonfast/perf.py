@@ -80,10 +80,11 @@ def cpu_label(c:dict) -> str: # from `cpu_class`
     return f"{c['vendor']} {c['model']} ({', '.join(f for f in CPU_FLAGS if c.get(f)) or 'none of ' + '/'.join(CPU_FLAGS)})"
 
 # %% ../nbs/19b_perf.ipynb #2eef71b2
-def vector_lanes(c:dict|None=None) -> int: # from `cpu_class` (default: this machine's)
+def vector_lanes(c:dict|None=None) -> int: # from `cpu_class` (default: this machine's, as far as oneDNN may use it)
     "fp32 lanes of the widest vector registers the CPU's kernels use: 16 with AVX-512, 8 with AVX2, else 4 (SSE, NEON)"
-    c = cpu_class() if c is None else c
-    return 16 if c.get('avx512f') else 8 if c.get('avx2') else 4
+    if c is not None: return 16 if c.get('avx512f') else 8 if c.get('avx2') else 4
+    n, isa = vector_lanes(cpu_class()), (os.environ.get('ONEDNN_MAX_CPU_ISA') or os.environ.get('DNNL_MAX_CPU_ISA') or '').upper()
+    return 4 if isa == 'SSE41' else min(n, 8) if isa == 'AVX' or isa.startswith('AVX2') else n   # oneDNN held below its best
 
 _LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
@@ -130,7 +131,7 @@ def machine_info(device=None) -> dict: # default: CUDA if available, else CPU
     "The machine (its CPU class, threads, device) and the versions a benchmark ran on"
     dev, c = resolve_device(device), cpu_class()
     return dict(cpu=cpu_label(c), cpu_class=c, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                cpu_bf16=c['avx512_bf16'] or c['amx_bf16'],
+                cpu_bf16=c['avx512_bf16'] or c['amx_bf16'], vector_lanes=vector_lanes(),
                 device=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu', python=platform.python_version(),
                 torch=torch.__version__, torchvision=torchvision.__version__, fastai=fastai.__version__,
                 os=platform.platform(), load_avg_1m=round(os.getloadavg()[0], 2))
