@@ -257,7 +257,9 @@ def report_markdown(summary, rt, tg, prof, info, ops) -> str:
             f"fastai {info['fastai']}. moonfast precision: {info['precision']} (the baseline: fp32). Load average at start "
             f"{info['load_avg_start']}, at end {info['load_avg_end']}. Matmul {info['matmul_n']}² GFLOP/s before/after: {mm}. "
             f"{info['epochs']} training epochs per side, {info['reps']} repetitions of {info['n_batches']} batches for "
-            f"pure steps and inference; medians. Took {info['seconds']:.0f} s.\n\n"
+            f"pure steps and inference; medians. Took {info['seconds']:.0f} s."
+            + (" Instruction sets held by the environment: " + ', '.join(f"{k}={v}" for k, v in info['isa_env'].items()) + "."
+               if info.get('isa_env') else "") + "\n\n"
             + ''.join(f"- {m} data: {d}\n" for m, d in info['data'].items()) + "\n")
     cols = ['model', 'pipeline', 'precision', 'bs', 'epoch img/s', 'first epoch img/s', 'steps img/s', 'inference img/s',
             'train bound img/s', 'epoch % bound', 'steps % bound', 'inference % bound', 'peak RSS MiB', 'RSS rise MiB', 'val metric']

@@ -19,8 +19,9 @@ from .learners import CPUAutocast
 from .baseline import resolve_device, sync_device, PeakMemory, PHASES
 
 # %% auto #0
-__all__ = ['CPU_FLAGS', 'matmul_gflops', 'model_flops', 'cpu_class', 'cpu_label', 'vector_lanes', 'lane_use', 'lane_ceiling',
-           'machine_info', 'StepProfiler', 'Interleave', 'learner_step_rate', 'learner_infer_rate', 'op_profile']
+__all__ = ['CPU_FLAGS', 'ISA_ENV', 'matmul_gflops', 'model_flops', 'cpu_class', 'cpu_label', 'vector_lanes', 'lane_use',
+           'lane_ceiling', 'machine_info', 'StepProfiler', 'Interleave', 'learner_step_rate', 'learner_infer_rate',
+           'op_profile']
 
 # %% ../nbs/19b_perf.ipynb #d00338bc
 _DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -127,11 +128,14 @@ def lane_ceiling(model:nn.Module, # the model (not changed)
     return float(d.mflop.sum() / (d.mflop/d.lane_use).sum())
 
 # %% ../nbs/19b_perf.ipynb #947c113c
+ISA_ENV = ('ONEDNN_MAX_CPU_ISA', 'DNNL_MAX_CPU_ISA', 'ATEN_CPU_CAPABILITY', 'MKL_ENABLE_INSTRUCTIONS', 'NPY_DISABLE_CPU_FEATURES')
+
 def machine_info(device=None) -> dict: # default: CUDA if available, else CPU
     "The machine (its CPU class, threads, device) and the versions a benchmark ran on"
     dev, c = resolve_device(device), cpu_class()
     return dict(cpu=cpu_label(c), cpu_class=c, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 cpu_bf16=c['avx512_bf16'] or c['amx_bf16'], vector_lanes=vector_lanes(),
+                isa_env={k: os.environ[k] for k in ISA_ENV if os.environ.get(k)},   # instruction sets held below the CPU's
                 device=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu', python=platform.python_version(),
                 torch=torch.__version__, torchvision=torchvision.__version__, fastai=fastai.__version__,
                 os=platform.platform(), load_avg_1m=round(os.getloadavg()[0], 2))
