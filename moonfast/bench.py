@@ -265,7 +265,7 @@ def report_markdown(summary, rt, tg, prof, info, ops) -> str:
             'train bound img/s', 'epoch % bound', 'steps % bound', 'inference % bound', 'peak RSS MiB', 'RSS rise MiB', 'val metric']
     notes = [f"- missed: {t['target']}: {t['measured']} against {t['wanted']} ({t['margin %']:+.1f}%); see the op profile below\n"
             for _, t in tg.iterrows() if not t['pass']]
-    lc = summary[summary.pipeline == 'moonfast'].dropna(subset=['lane ceiling %']) if 'lane ceiling %' in summary else summary[:0]
+    lc = summary[summary.pipeline == 'moonfast'].dropna(subset=['lane ceiling %'])
     if len(lc): notes.append(f"- lane ceiling on this CPU ({info['vector_lanes']} fp32 lanes a register, "
                             "`moonfast.perf.lane_ceiling`): channel-vectorised convolutions can reach at most "
                             + ', '.join(f"{m} {v:.1f}%" for m, v in zip(lc.model, lc['lane ceiling %'])) + " of the FLOP bound\n")
