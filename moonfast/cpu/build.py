@@ -4,7 +4,7 @@
 
 # %% ../../nbs/02_build.ipynb #f334a0ac
 from __future__ import annotations
-import hashlib, os, platform, stat, sys, warnings
+import hashlib, logging, os, platform, stat, sys, warnings
 from pathlib import Path
 import torch, torch.nn as nn
 from torch import Tensor
@@ -58,8 +58,18 @@ def build_dir(name:str=None) -> Path: # the build's name (default `ext_name()`)
 
 
 # %% ../../nbs/02_build.ipynb #68d6afd4
+def _cpp_extension():
+    "`torch.utils.cpp_extension`, imported without the warning torch logs where a CUDA compiler is installed but torch has no CUDA (moonfast builds CPU code only)"
+    if 'torch.utils.cpp_extension' not in sys.modules:
+        lg = logging.getLogger('torch.utils.cpp_extension')
+        old = lg.level
+        lg.setLevel(logging.ERROR)
+        try: import torch.utils.cpp_extension
+        finally: lg.setLevel(old)
+    return sys.modules['torch.utils.cpp_extension']
+
 def _load(name:str, d:Path):
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
     so = d/f'{name}.so'; rec = d/f'{name}.so.sha256'
     if so.exists() and (not rec.exists() or rec.read_text().strip() != file_sha256(so)):
         warnings.warn(f"moonfast: the kernel library {so} does not match the hash recorded when it was built; rebuilding it")
