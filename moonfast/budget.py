@@ -120,11 +120,11 @@ class EpochSample(Callback):
 class _BatchClock(Callback):
     "Stamp the time (and the process's CPU time) after each training batch; stop the fit after `n` batches"
     order = 100
-    def __init__(self, n:int): self.n, self.stamps, self.cpu = n, [], []
-    def before_train(self): self.stamps, self.cpu = [time.perf_counter()], [time.process_time()]
+    def __init__(self, n:int): self.n, self.stamps, self.cpu_times = n, [], []
+    def before_train(self): self.stamps, self.cpu_times = [time.perf_counter()], [time.process_time()]
     def after_batch(self):
         if not self.training: return
-        self.stamps.append(time.perf_counter()); self.cpu.append(time.process_time())
+        self.stamps.append(time.perf_counter()); self.cpu_times.append(time.process_time())
         if len(self.stamps) > self.n: raise CancelFitException()
     def per_batch(self) -> float:
         "Mean seconds per batch, without the first (warm-up) one when there are more"
@@ -133,7 +133,7 @@ class _BatchClock(Callback):
     def share(self, threads:int) -> float:
         "CPU time over wall time per thread in those batches (about 1 when the threads had their cores)"
         k = 1 if len(self.stamps) > 2 else 0
-        return (self.cpu[-1] - self.cpu[k]) / max(self.stamps[-1] - self.stamps[k], 1e-12) / threads
+        return (self.cpu_times[-1] - self.cpu_times[k]) / max(self.stamps[-1] - self.stamps[k], 1e-12) / threads
 
 RUN_OVERHEAD = 2.0  # seconds per run beyond setup and batches: checkpoints, records, curves
 
