@@ -6,9 +6,9 @@
 from __future__ import annotations
 import re, time, math
 import numpy as np
+from .core import DataError   # first: moonfast filters fastai's `torch.jit.script` warning (see 00_core)
 from fastai.vision.all import *
 from fastprogress.fastprogress import IN_NOTEBOOK
-from .core import DataError
 from .learners import seg_learner
 from .cpu.threads import next_threads, start_threads, threads_start
 

@@ -8,12 +8,12 @@ import copy, math, os, platform, re, statistics, time
 from contextlib import contextmanager
 from pathlib import Path
 import pandas as pd, torch, torch.nn as nn, torchvision
+from .core import DataError   # first: moonfast filters fastai's `torch.jit.script` warning (see 00_core)
 import fastai
 from fastai.callback.core import Callback, CancelValidException
 from fastai.callback.fp16 import MixedPrecision
 from fastai.data.core import DataLoaders
 from fastai.torch_core import find_bs
-from .core import DataError
 from .cpu.speedups import ChannelsLast
 from .learners import CPUAutocast
 from .baseline import resolve_device, sync_device, PeakMemory, PHASES

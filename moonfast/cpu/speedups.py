@@ -7,9 +7,9 @@ from __future__ import annotations
 import ctypes, ctypes.util, os, platform
 import torch, torch.nn as nn
 from torch import Tensor
+from .build import swap_class   # first: moonfast filters fastai's `torch.jit.script` warning (see 00_core)
 from fastai.callback.core import Callback
 from fastai.callback.channelslast import ChannelsLast as _FastaiChannelsLast
-from .build import swap_class
 from .norm import FastBatchNorm2d, fast_batchnorm
 from .pool import fast_maxpool
 from .upconv import FastConvTranspose2d, fast_upconv
