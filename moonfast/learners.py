@@ -7,9 +7,9 @@ from __future__ import annotations
 import contextlib, math, os
 from pathlib import Path
 import torch, torch.nn as nn
+from .core import DataError, project_root, size_hw   # first: moonfast filters fastai's `torch.jit.script` warning (see 00_core)
 from fastai.vision.all import *
 from fastai.callback.fp16 import MixedPrecision
-from .core import DataError, project_root, size_hw
 from .data.imagenet import imagenet_dls
 from .data.seg import seg_dls, seg_pairs, detect_layout
 from .models import *
@@ -30,11 +30,18 @@ __all__ = ['PRECISIONS', 'SEG_ARCHS', 'cpu_bf16_supported', 'CPUAutocast', 'reso
            'Learner', 'DataLoaders']
 
 # %% ../nbs/15_learners.ipynb #d84243a7
+# oneDNN's instruction-set caps (`ONEDNN_MAX_CPU_ISA`) under which it has no native bf16 kernels: held there, a bf16
+# convolution falls back to reference code (a U-Net training batch on the Xeon held to AVX2: 7.6 s in bf16, 0.74 s in
+# fp32; 0.19 s in bf16 unheld)
+_NO_BF16_ISA = ('SSE41', 'AVX', 'AVX2', 'AVX2_VNNI', 'AVX2_VNNI_2', 'AVX512_CORE', 'AVX512_CORE_VNNI')
+
 def cpu_bf16_supported(cpuinfo='/proc/cpuinfo') -> bool: # the file that lists the CPU's flags
-    "Whether this CPU has native bf16 arithmetic (AVX-512 BF16 or AMX), read from `/proc/cpuinfo`"
+    "Whether this CPU has native bf16 arithmetic (AVX-512 BF16 or AMX, from `/proc/cpuinfo`) that oneDNN may use (`$ONEDNN_MAX_CPU_ISA`)"
     try: flags = Path(cpuinfo).read_text().split()
     except OSError: return False
-    return any(f in flags for f in ('avx512_bf16', 'amx_bf16'))
+    cap = (os.environ.get('ONEDNN_MAX_CPU_ISA') or os.environ.get('DNNL_MAX_CPU_ISA') or '').strip().upper()
+    return any(f in flags for f in ('avx512_bf16', 'amx_bf16')) and cap not in _NO_BF16_ISA
+
 
 # %% ../nbs/15_learners.ipynb #a3d6f632
 class CPUAutocast(Callback):
