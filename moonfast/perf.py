@@ -15,6 +15,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.data.core import DataLoaders
 from fastai.torch_core import find_bs
 from .cpu.speedups import ChannelsLast
+from .cpu.build import onednn_isa_cap
 from .learners import CPUAutocast
 from .baseline import resolve_device, sync_device, PeakMemory, PHASES
 
@@ -84,7 +85,7 @@ def cpu_label(c:dict) -> str: # from `cpu_class`
 def vector_lanes(c:dict|None=None) -> int: # from `cpu_class` (default: this machine's, as far as oneDNN may use it)
     "fp32 lanes of the widest vector registers the CPU's kernels use: 16 with AVX-512, 8 with AVX2, else 4 (SSE, NEON)"
     if c is not None: return 16 if c.get('avx512f') else 8 if c.get('avx2') else 4
-    n, isa = vector_lanes(cpu_class()), (os.environ.get('ONEDNN_MAX_CPU_ISA') or os.environ.get('DNNL_MAX_CPU_ISA') or '').upper()
+    n, isa = vector_lanes(cpu_class()), onednn_isa_cap()
     return 4 if isa == 'SSE41' else min(n, 8) if isa == 'AVX' or isa.startswith('AVX2') else n   # oneDNN held below its best
 
 _LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)

@@ -11,7 +11,8 @@ from torch import Tensor
 from ..core import DataError, file_sha256
 
 # %% auto #0
-__all__ = ['CSRC', 'SOURCES', 'HEADERS', 'kernels_enabled', 'ext_name', 'build_dir', 'cpu_ext', 'is_channels_last', 'swap_class']
+__all__ = ['CSRC', 'SOURCES', 'HEADERS', 'kernels_enabled', 'onednn_isa_cap', 'ext_name', 'build_dir', 'cpu_ext',
+           'is_channels_last', 'swap_class']
 
 # %% ../../nbs/02_build.ipynb #437bbf71
 CSRC = Path(__file__).parent/'csrc' if '__file__' in globals() else Path('../moonfast/cpu/csrc').resolve()
@@ -22,6 +23,10 @@ _EXT = {}
 def kernels_enabled() -> bool:
     "Whether moonfast may use its compiled kernels (`MOONFAST_CPU_EXT` is not 0/false/no/off)"
     return os.environ.get('MOONFAST_CPU_EXT', '1').strip().lower() not in ('0', 'false', 'no', 'off')
+
+def onednn_isa_cap() -> str:
+    "The instruction set oneDNN is held to by the environment (`ONEDNN_MAX_CPU_ISA`, or the older `DNNL_MAX_CPU_ISA`), upper case; '' when none"
+    return (os.environ.get('ONEDNN_MAX_CPU_ISA') or os.environ.get('DNNL_MAX_CPU_ISA') or '').strip().upper()
 
 def _cflags() -> list[str]:
     fl = ['-O3', '-march=native', '-fopenmp']
