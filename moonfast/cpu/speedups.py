@@ -12,6 +12,7 @@ from fastai.callback.core import Callback
 from fastai.callback.channelslast import ChannelsLast as _FastaiChannelsLast
 from .norm import FastBatchNorm2d, fast_batchnorm
 from .pool import fast_maxpool
+from .conv import fast_conv
 from .upconv import FastConvTranspose2d, fast_upconv
 from ..models import BasicBlock, UpBlock, cat_channels
 
@@ -54,12 +55,13 @@ def speed_up(model:nn.Module, # changed in place
     "Set `model` up for fast CPU training in any precision: channels-last memory, moonfast's fused modules, the allocator setting"
     if enable:
         model.to(memory_format=torch.channels_last)
-        fast_batchnorm(model); fast_maxpool(model); fast_upconv(model)
+        fast_batchnorm(model); fast_maxpool(model); fast_upconv(model); fast_conv(model)
         swap_class(model, BasicBlock, FastBasicBlock); swap_class(model, UpBlock, FastUpBlock)
         tune_allocator()
     else:
         swap_class(model, FastBasicBlock, BasicBlock); swap_class(model, FastUpBlock, UpBlock)
         fast_batchnorm(model, enable=False); fast_maxpool(model, enable=False); fast_upconv(model, enable=False)
+        fast_conv(model, enable=False)
         model.to(memory_format=torch.contiguous_format)
     return model
 

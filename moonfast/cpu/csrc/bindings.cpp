@@ -18,5 +18,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_backward", &bn_backward, "its backward: (dx, dresidual, dweight, dbias)");
   m.def("upcat_forward", &upcat_forward, "2×2 stride-2 transposed conv placement + bias + skip concatenation");
   m.def("upcat_backward", &upcat_backward, "its gradients: products, bias (float64), skip");
+  m.def("conv3_lanes", &conv3_lanes, "3×3 conv: fp32 lanes a vector of this build");
+  m.def("conv3_forward", &conv3_forward, "3×3 conv, stride 1, padding 1: output (channels-last)");
+  m.def("conv3_backward_input", &conv3_backward_input, "its input gradient");
+  m.def("conv3_backward_weight", &conv3_backward_weight, "its weight and bias gradients");
   m.def("affine_grid", &affine_grid, "sampling grid of (N, 3, 3) maps");
 }

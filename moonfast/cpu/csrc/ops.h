@@ -35,5 +35,11 @@ std::vector<at::Tensor> bn_backward(const at::Tensor& dy, const at::Tensor& x, c
 at::Tensor upcat_forward(const at::Tensor& z, const at::Tensor& bias, const at::Tensor& skip);
 std::vector<at::Tensor> upcat_backward(const at::Tensor& g, int64_t Co);
 
+// conv3.cpp: 3×3 convolution, stride 1, padding 1, of channels-last float32 tensors, vectorised along image rows
+int64_t conv3_lanes();
+at::Tensor conv3_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+at::Tensor conv3_backward_input(const at::Tensor& dy, const at::Tensor& w);
+std::vector<at::Tensor> conv3_backward_weight(const at::Tensor& dy, const at::Tensor& x, bool bias);
+
 // affine_grid.cpp: the sampling grid of a batch of 3×3 (affine or perspective) maps
 at::Tensor affine_grid(const at::Tensor& m, const at::Tensor& us, const at::Tensor& vs);

@@ -1,0 +1,253 @@
+#include "common.h"
+#include "ops.h"
+#include <immintrin.h>
+
+// ---- 3×3 convolution, stride 1, padding 1, on channels-last fp32 tensors, vectorised along the image row ----
+// oneDNN vectorises a channels-last convolution over its channels, so a layer of 18 channels fills an AVX-512 register
+// and an eighth (18 of 32 lanes). These kernels turn a few rows at a time into channel planes (16×16 register
+// transposes), run the arithmetic along the row (every lane full), and turn the result back: the narrow layers of
+// moonfast's U-Nets then run near the machine's matmul rate. Where oneDNN is faster, moonfast.cpu.conv keeps oneDNN.
+
+#if defined(__AVX512F__)
+constexpr int V = 16;
+#else
+constexpr int V = 8;
+#endif
+typedef float vf __attribute__((vector_size(V * 4)));
+typedef float vfu __attribute__((vector_size(V * 4), aligned(4)));
+static inline vf ldu(const float* p) { return *(const vfu*)p; }
+static inline void stu(float* p, vf v) { *(vfu*)p = v; }
+constexpr int64_t PADL = V;   // zero columns left of a plane row: one whole vector
+constexpr int OBF = 6;        // output channels a forward tile computes
+static inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
+
+int64_t conv3_lanes() { return V; }
+
+#if defined(__AVX512F__)
+static inline void tr16(__m512 r[16]) {   // r: 16 rows of 16 floats → its transpose, in place
+  __m512 t[16], u[16];
+  for (int k = 0; k < 8; ++k) { t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]); t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]); }
+  for (int k = 0; k < 4; ++k) {
+    const __m512d a = _mm512_castps_pd(t[4 * k]), b = _mm512_castps_pd(t[4 * k + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * k + 1]), d = _mm512_castps_pd(t[4 * k + 3]);
+    u[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)); u[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    u[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d)); u[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int e = 0; e < 4; ++e) {
+    const __m512 ablo = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x44), abhi = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xEE);
+    const __m512 cdlo = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x44), cdhi = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xEE);
+    r[e] = _mm512_shuffle_f32x4(ablo, cdlo, 0x88); r[4 + e] = _mm512_shuffle_f32x4(ablo, cdlo, 0xDD);
+    r[8 + e] = _mm512_shuffle_f32x4(abhi, cdhi, 0x88); r[12 + e] = _mm512_shuffle_f32x4(abhi, cdhi, 0xDD);
+  }
+}
+#endif
+
+// P pixels of C channels (pixel stride sp) → C planes dst[c·sd + p]; 16×16 transposes where C >= 16 (the last block of
+// channels overlaps the one before it when C is not a multiple of 16: the same values written twice).
+static void pixels_to_planes(const float* __restrict__ src, int64_t sp, float* __restrict__ dst, int64_t sd, int64_t P, int64_t C) {
+  int64_t p0 = 0;
+#if defined(__AVX512F__)
+  if (C >= 16)
+    for (; p0 + 16 <= P; p0 += 16)
+      for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const int64_t c = std::min(c0, C - 16);
+        __m512 r[16];
+        for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(src + (p0 + j) * sp + c);
+        tr16(r);
+        for (int k = 0; k < 16; ++k) _mm512_storeu_ps(dst + (c + k) * sd + p0, r[k]);
+      }
+#endif
+  for (int64_t p = p0; p < P; ++p) for (int64_t c = 0; c < C; ++c) dst[c * sd + p] = src[p * sp + c];
+}
+// C planes src[c·sd + p] → P pixels of C channels (pixel stride sp)
+static void planes_to_pixels(const float* __restrict__ src, int64_t sd, float* __restrict__ dst, int64_t sp, int64_t P, int64_t C) {
+  int64_t p0 = 0;
+#if defined(__AVX512F__)
+  if (C >= 16)
+    for (; p0 + 16 <= P; p0 += 16)
+      for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        const int64_t c = std::min(c0, C - 16);
+        __m512 r[16];
+        for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(src + (c + k) * sd + p0);
+        tr16(r);
+        for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + (p0 + j) * sp + c, r[j]);
+      }
+#endif
+  for (int64_t p = p0; p < P; ++p) for (int64_t c = 0; c < C; ++c) dst[p * sp + c] = src[c * sd + p];
+}
+
+// Image row r (zeros outside 0..H-1) of x (H, W, C) into C plane rows at dst + c·sd: PADL zeros, W values, zeros to LD.
+static void load_row(const float* x, int64_t H, int64_t W, int64_t C, int64_t r, float* dst, int64_t sd, int64_t LD) {
+  const bool in = r >= 0 && r < H;
+  for (int64_t c = 0; c < C; ++c) {
+    float* d = dst + c * sd;
+    if (!in) { std::memset(d, 0, LD * sizeof(float)); continue; }
+    std::memset(d, 0, PADL * sizeof(float)); std::memset(d + PADL + W, 0, (LD - PADL - W) * sizeof(float));
+  }
+  if (in) pixels_to_planes(x + r * W * C, C, dst + PADL, sd, W, C);
+}
+
+// OBF output channels × WB vectors of one output row: Σ over input planes c and the 3×3 taps (plane rows at off[kh]).
+template <int WB>
+static inline void fwd_tile(const float* __restrict__ xb, int64_t C, int64_t PS, const int64_t* off, int64_t w0,
+                            const float* __restrict__ wp, const float* __restrict__ bias, float* __restrict__ out, int64_t ldo) {
+  vf acc[OBF][WB];
+  for (int o = 0; o < OBF; ++o) for (int v = 0; v < WB; ++v) acc[o][v] = (vf){} + bias[o];
+  for (int64_t c = 0; c < C; ++c)
+    for (int kh = 0; kh < 3; ++kh) {
+      const float* xr = xb + c * PS + off[kh] + PADL + w0 - 1;
+      const float* wk = wp + (c * 3 + kh) * 3 * OBF;
+      for (int kw = 0; kw < 3; ++kw) {
+        vf xv[WB];
+        for (int v = 0; v < WB; ++v) xv[v] = ldu(xr + v * V + kw);
+        for (int o = 0; o < OBF; ++o) { const float s = wk[kw * OBF + o]; for (int v = 0; v < WB; ++v) acc[o][v] += xv[v] * s; }
+      }
+    }
+  for (int o = 0; o < OBF; ++o) for (int v = 0; v < WB; ++v) stu(out + o * ldo + w0 + v * V, acc[o][v]);
+}
+
+static void check_conv(const at::Tensor& x, const at::Tensor& w, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "moonfast conv3x3: expected ", what, " to be a 4-d channels-last float32 CPU tensor");
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kFloat,
+              "moonfast conv3x3: expected float32 CPU weights of shape (out, in, 3, 3)");
+}
+
+// x (N, C, H, W) channels-last; w (O, C, 3, 3); b: O values or an empty tensor. Returns the channels-last (N, O, H, W) output.
+at::Tensor conv3_forward(const at::Tensor& x, const at::Tensor& w_, const at::Tensor& b_) {
+  check_conv(x, w_, "the input");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = w_.size(0);
+  TORCH_CHECK(w_.size(1) == C, "moonfast conv3x3: weights for ", w_.size(1), " input channels, input has ", C);
+  TORCH_CHECK(b_.numel() == 0 || (b_.numel() == O && b_.scalar_type() == at::kFloat), "moonfast conv3x3: expected ", O, " float32 biases");
+  const int64_t Op = round_up(O, OBF), NB = Op / OBF, Wv = round_up(W, V), LD = PADL + Wv + V, PS = 3 * LD;
+  // packed weights [block][c][kh][kw][OBF], output channels beyond O zero
+  auto wpad = at::zeros({Op, C, 3, 3}, w_.options());
+  wpad.narrow(0, 0, O).copy_(w_);
+  auto wp = wpad.view({NB, OBF, C, 3, 3}).permute({0, 2, 3, 4, 1}).contiguous();
+  auto bp = at::zeros({Op}, w_.options());
+  if (b_.numel()) bp.narrow(0, 0, O).copy_(b_.reshape({O}));
+  auto y = at::empty({N, O, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  const float* xp = x.data_ptr<float>(); const float* wpp = wp.data_ptr<float>(); const float* bpp = bp.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // each task: image n, rows h0..h1-1; fewer images than twice the threads: split the rows too
+  const int64_t nt = at::get_num_threads();
+  const int64_t nblk = N >= 2 * nt ? 1 : std::min(H, (2 * nt + N - 1) / N), RB = (H + nblk - 1) / nblk;
+  at::parallel_for(0, N * nblk, 1, [&](int64_t s, int64_t e) {
+    std::vector<float> buf(C * PS), ot(Op * Wv);
+    for (int64_t t = s; t < e; ++t) {
+      const int64_t n = t / nblk, h0 = (t % nblk) * RB, h1 = std::min(H, h0 + RB);
+      const float* xn = xp + n * H * W * C;
+      // three plane rows a plane, used in rotation: image row r lives in slot r mod 3
+      auto slot = [&](int64_t r) { return ((r % 3) + 3) % 3 * LD; };
+      if (h0 < h1) { load_row(xn, H, W, C, h0 - 1, buf.data() + slot(h0 - 1), PS, LD); load_row(xn, H, W, C, h0, buf.data() + slot(h0), PS, LD); }
+      for (int64_t h = h0; h < h1; ++h) {
+        load_row(xn, H, W, C, h + 1, buf.data() + slot(h + 1), PS, LD);
+        const int64_t off[3] = {slot(h - 1), slot(h), slot(h + 1)};
+        for (int64_t ob = 0; ob < NB; ++ob) {
+          const float* wo = wpp + ob * C * 9 * OBF; const float* bo = bpp + ob * OBF;
+          float* oo = ot.data() + ob * OBF * Wv;
+          int64_t w0 = 0;
+          for (; w0 + 4 * V <= Wv; w0 += 4 * V) fwd_tile<4>(buf.data(), C, PS, off, w0, wo, bo, oo, Wv);
+          for (; w0 + 2 * V <= Wv; w0 += 2 * V) fwd_tile<2>(buf.data(), C, PS, off, w0, wo, bo, oo, Wv);
+          for (; w0 < Wv; w0 += V) fwd_tile<1>(buf.data(), C, PS, off, w0, wo, bo, oo, Wv);
+        }
+        planes_to_pixels(ot.data(), Wv, yp + (n * H + h) * W * O, O, W, O);
+      }
+    }
+  });
+  return y;
+}
+
+// The input gradient: a convolution of dy with the weights flipped and their in/out channels swapped.
+at::Tensor conv3_backward_input(const at::Tensor& dy, const at::Tensor& w) {
+  check_conv(dy, w, "the output gradient");
+  return conv3_forward(dy, w.flip({2, 3}).transpose(0, 1).contiguous(), at::empty({0}, w.options()));
+}
+
+// OB output channels × CB input channels × 3 horizontal taps, for one vertical tap, summed over RR rows and Wv columns.
+template <int OB, int CB>
+static inline void wgrad_tile(const float* __restrict__ xr, int64_t xs, const float* __restrict__ gr, int64_t gs,
+                              int64_t RR, int64_t LD, int64_t Wv, float* __restrict__ part, int64_t ps) {
+  vf acc[OB][CB][3];
+  for (int o = 0; o < OB; ++o) for (int c = 0; c < CB; ++c) for (int k = 0; k < 3; ++k) acc[o][c][k] = (vf){};
+  for (int64_t i = 0; i < RR; ++i) {
+    const float* x = xr + i * LD; const float* g = gr + i * LD;
+    for (int64_t w0 = 0; w0 < Wv; w0 += V) {
+      vf xv[CB][3];
+      for (int c = 0; c < CB; ++c) for (int k = 0; k < 3; ++k) xv[c][k] = ldu(x + c * xs + w0 + k - 1);
+      for (int o = 0; o < OB; ++o) {
+        const vf gg = ldu(g + o * gs + w0);
+        for (int c = 0; c < CB; ++c) for (int k = 0; k < 3; ++k) acc[o][c][k] += gg * xv[c][k];
+      }
+    }
+  }
+  for (int o = 0; o < OB; ++o) for (int c = 0; c < CB; ++c) for (int k = 0; k < 3; ++k) {
+    float* m = part + o * ps + (c * 9 + k) * V;   // part: [o][c][kh][kw][V], kh already in the pointer
+    stu(m, ldu(m) + acc[o][c][k]);
+  }
+}
+
+template <int OB>
+static void wgrad_block(const float* xb, int64_t C, int64_t R, const float* gb, int64_t RR, int64_t LD, int64_t Wv,
+                        float* part, int64_t ps) {
+  for (int64_t c = 0; c < C; c += 2)
+    for (int kh = 0; kh < 3; ++kh) {
+      const float* xr = xb + (c * R + kh) * LD + PADL;
+      float* pc = part + (c * 9 + kh * 3) * V;
+      if (c + 1 < C) wgrad_tile<OB, 2>(xr, R * LD, gb + PADL, RR * LD, RR, LD, Wv, pc, ps);
+      else wgrad_tile<OB, 1>(xr, R * LD, gb + PADL, RR * LD, RR, LD, Wv, pc, ps);
+    }
+}
+
+// dy (N, O, H, W) and x (N, C, H, W), both channels-last: the weight gradient (O, C, 3, 3) and, when `bias`, the bias
+// gradient (O), float32 (summed in float vectors per thread, then in double).
+std::vector<at::Tensor> conv3_backward_weight(const at::Tensor& dy, const at::Tensor& x, bool bias) {
+  check_conv(x, at::empty({1, 1, 3, 3}, x.options()), "the input");
+  check_conv(dy, at::empty({1, 1, 3, 3}, x.options()), "the output gradient");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = dy.size(1);
+  TORCH_CHECK(dy.size(0) == N && dy.size(2) == H && dy.size(3) == W, "moonfast conv3x3: output gradient of shape ", dy.sizes(),
+              " for an input of shape ", x.sizes());
+  const int64_t Wv = round_up(W, V), LD = PADL + Wv + V, RB = std::min<int64_t>(H, std::max<int64_t>(8, 1024 / Wv));
+  const int64_t nblk = H ? (H + RB - 1) / RB : 0;
+  const int64_t ps = C * 9 * V;   // one output channel's partial sums
+  const int nt = at::get_num_threads();
+  std::vector<std::vector<float>> parts(nt);
+  const float* xp = x.data_ptr<float>(); const float* gp = dy.data_ptr<float>();
+  at::parallel_for(0, N * nblk, 1, [&](int64_t s, int64_t e) {
+    auto& part = parts[at::get_thread_num()];
+    if (part.empty()) part.assign(O * ps + O * V, 0.f);
+    std::vector<float> xb(C * (RB + 2) * LD), gb(O * RB * LD);
+    for (int64_t t = s; t < e; ++t) {
+      const int64_t n = t / nblk, h0 = (t % nblk) * RB, h1 = std::min(H, h0 + RB), RR = h1 - h0, R = RR + 2;
+      for (int64_t i = 0; i < R; ++i) load_row(xp + n * H * W * C, H, W, C, h0 - 1 + i, xb.data() + i * LD, R * LD, LD);
+      for (int64_t i = 0; i < RR; ++i) load_row(gp + n * H * W * O, H, W, O, h0 + i, gb.data() + i * LD, RR * LD, LD);
+      int64_t o = 0;
+      for (; o + 4 <= O; o += 4) wgrad_block<4>(xb.data(), C, R, gb.data() + o * RR * LD, RR, LD, Wv, part.data() + o * ps, ps);
+      const float* go = gb.data() + o * RR * LD; float* po = part.data() + o * ps;
+      switch (O - o) {
+        case 3: wgrad_block<3>(xb.data(), C, R, go, RR, LD, Wv, po, ps); break;
+        case 2: wgrad_block<2>(xb.data(), C, R, go, RR, LD, Wv, po, ps); break;
+        case 1: wgrad_block<1>(xb.data(), C, R, go, RR, LD, Wv, po, ps); break;
+        default: break;
+      }
+      if (bias)
+        for (int64_t oc = 0; oc < O; ++oc) {
+          vf a = (vf){};
+          for (int64_t i = 0; i < RR; ++i) for (int64_t w0 = 0; w0 < Wv; w0 += V) a += ldu(gb.data() + (oc * RR + i) * LD + PADL + w0);
+          float* m = part.data() + O * ps + oc * V; stu(m, ldu(m) + a);
+        }
+    }
+  });
+  std::vector<double> dw(O * C * 9, 0.0), db(O, 0.0);
+  for (const auto& p : parts) {
+    if (p.empty()) continue;
+    for (int64_t j = 0; j < O * C * 9; ++j) { double s = 0; for (int l = 0; l < V; ++l) s += p[j * V + l]; dw[j] += s; }
+    for (int64_t oc = 0; oc < O; ++oc) { double s = 0; for (int l = 0; l < V; ++l) s += p[O * ps + oc * V + l]; db[oc] += s; }
+  }
+  auto gw = at::empty({O, C, 3, 3}, x.options()), gbias = at::empty({bias ? O : 0}, x.options());
+  float* gwp = gw.data_ptr<float>();
+  for (int64_t j = 0; j < O * C * 9; ++j) gwp[j] = float(dw[j]);
+  if (bias) { float* gbp = gbias.data_ptr<float>(); for (int64_t oc = 0; oc < O; ++oc) gbp[oc] = float(db[oc]); }
+  return {gw, gbias};
+}
