@@ -11,7 +11,7 @@ from torch import Tensor
 from ..core import DataError, file_sha256
 
 # %% auto #0
-__all__ = ['CSRC', 'SOURCES', 'HEADERS', 'kernels_enabled', 'onednn_isa_cap', 'ext_name', 'build_dir', 'cpu_ext',
+__all__ = ['CSRC', 'SOURCES', 'HEADERS', 'kernels_enabled', 'onednn_isa_cap', 'isa_flags', 'ext_name', 'build_dir', 'cpu_ext',
            'is_channels_last', 'swap_class']
 
 # %% ../../nbs/02_build.ipynb #437bbf71
@@ -28,10 +28,19 @@ def onednn_isa_cap() -> str:
     "The instruction set oneDNN is held to by the environment (`ONEDNN_MAX_CPU_ISA`, or the older `DNNL_MAX_CPU_ISA`), upper case; '' when none"
     return (os.environ.get('ONEDNN_MAX_CPU_ISA') or os.environ.get('DNNL_MAX_CPU_ISA') or '').strip().upper()
 
+def isa_flags(cap:str=None) -> list[str]: # oneDNN's hold (default: `onednn_isa_cap()`)
+    "Compiler flags that hold moonfast's kernels where oneDNN is held (x86): a machine imitating an older CPU builds them as that CPU would"
+    if platform.machine().lower() not in ('x86_64', 'amd64'): return []
+    cap = onednn_isa_cap() if cap is None else cap.strip().upper()
+    if cap.startswith('AVX2'): return ['-mno-avx512f']
+    if cap == 'AVX': return ['-mno-avx512f', '-mno-avx2', '-mno-fma']
+    if cap.startswith('SSE'): return ['-mno-avx512f', '-mno-avx2', '-mno-fma', '-mno-avx']
+    return []
+
 def _cflags() -> list[str]:
     fl = ['-O3', '-march=native', '-fopenmp']
     if platform.machine().lower() in ('x86_64', 'amd64'): fl.append('-mprefer-vector-width=512')
-    return fl
+    return fl + isa_flags()
 
 def _cpu_flags() -> str:
     try: return next((l for l in Path('/proc/cpuinfo').read_text().splitlines() if l.startswith(('flags', 'Features'))), '')

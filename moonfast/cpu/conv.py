@@ -9,7 +9,7 @@ import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from ..core import DataError
-from .build import cpu_ext, onednn_isa_cap, swap_class
+from .build import cpu_ext, swap_class
 
 # %% auto #0
 __all__ = ['CONV_MODES', 'conv_mode', 'conv3x3_supported', 'conv_choices', 'clear_conv_choices', 'conv3x3', 'FastConv2d',
@@ -30,18 +30,13 @@ def _exporting() -> bool:
     onnx = getattr(torch, 'onnx', None)
     return torch.jit.is_tracing() or torch.jit.is_scripting() or bool(onnx and onnx.is_in_onnx_export())
 
-def _isa_held() -> bool:
-    "Whether oneDNN is held below AVX-512 (`ONEDNN_MAX_CPU_ISA`) while the kernel was built for AVX-512: imitating an older CPU, where it would lose"
-    cap = onednn_isa_cap()
-    return bool(cap) and (cap.startswith(('SSE', 'AVX2')) or cap == 'AVX') and cpu_ext().conv3_lanes() > 8
-
 def conv3x3_supported(x:Tensor, weight:Tensor, stride=1, padding=1, dilation=1, groups=1, padding_mode:str='zeros') -> bool:
-    "Whether moonfast's kernel may compute `F.conv2d(x, weight, …)`: 3×3, stride 1, padding 1, float32 CPU input in channels-last memory, not under autocast or export, `MOONFAST_CONV` not 'off', oneDNN not held below AVX-512"
+    "Whether moonfast's kernel may compute `F.conv2d(x, weight, …)`: 3×3, stride 1, padding 1, float32 CPU input in channels-last memory, not under autocast or export, `MOONFAST_CONV` not 'off'"
     return (_pair(stride) == (1, 1) and _pair(padding) == (1, 1) and _pair(dilation) == (1, 1) and groups == 1
             and padding_mode == 'zeros' and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and x.dim() == 4
             and x.shape[1] == weight.shape[1] and x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32
             and x.is_contiguous(memory_format=torch.channels_last) and not torch.is_autocast_enabled('cpu') and not _exporting()
-            and conv_mode() != 'off' and cpu_ext() is not None and not _isa_held())
+            and conv_mode() != 'off' and cpu_ext() is not None)
 
 # %% ../../nbs/13b_cpu_conv.ipynb #5b167314
 _CHOICES = {}

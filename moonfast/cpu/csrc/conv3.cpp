@@ -1,12 +1,12 @@
 #include "common.h"
 #include "ops.h"
-#if defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
 // ---- 3×3 convolution, stride 1, padding 1, on channels-last fp32 tensors, vectorised along the image row ----
 // oneDNN vectorises a channels-last convolution over its channels, so a layer of 18 channels fills an AVX-512 register
-// and an eighth (18 of 32 lanes). These kernels turn a few rows at a time into channel planes (16×16 register
+// and an eighth (18 of 32 lanes). These kernels turn a few rows at a time into channel planes (register
 // transposes), run the arithmetic along the row (every lane full), and turn the result back: the narrow layers of
 // moonfast's U-Nets then run near the machine's matmul rate. Where oneDNN is faster, moonfast.cpu.conv keeps oneDNN.
 
@@ -21,12 +21,20 @@ static inline vf ldu(const float* p) { return *(const vfu*)p; }
 static inline void stu(float* p, vf v) { *(vfu*)p = v; }
 constexpr int64_t PADL = V;   // zero columns left of a plane row: one whole vector
 constexpr int OBF = 6;        // output channels a forward tile computes
+// vector registers: 32 with AVX-512, 16 with AVX2: tiles of 6 channels × 4 vectors (forward) and 4 × 2 channels × 3 taps
+// (weight gradient) with AVX-512, 6 × 2 and 3 × 1 × 3 with AVX2, so the accumulators stay in registers
+constexpr int WBF = V == 16 ? 4 : 2, WOB = V == 16 ? 4 : 3, WCB = V == 16 ? 2 : 1;
 static inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
 
 int64_t conv3_lanes() { return V; }
 
+// Register transposes of TB×TB blocks: 16×16 with AVX-512, 8×8 with AVX2 (plain loops elsewhere)
 #if defined(__AVX512F__)
-static inline void tr16(__m512 r[16]) {   // r: 16 rows of 16 floats → its transpose, in place
+constexpr int TB = 16;
+typedef __m512 tb_t;
+static inline tb_t tb_load(const float* p) { return _mm512_loadu_ps(p); }
+static inline void tb_store(float* p, tb_t v) { _mm512_storeu_ps(p, v); }
+static inline void tb_transpose(tb_t r[16]) {   // r: 16 rows of 16 floats → its transpose, in place
   __m512 t[16], u[16];
   for (int k = 0; k < 8; ++k) { t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]); t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]); }
   for (int k = 0; k < 4; ++k) {
@@ -42,26 +50,40 @@ static inline void tr16(__m512 r[16]) {   // r: 16 rows of 16 floats → its tra
     r[8 + e] = _mm512_shuffle_f32x4(abhi, cdhi, 0x88); r[12 + e] = _mm512_shuffle_f32x4(abhi, cdhi, 0xDD);
   }
 }
+#elif defined(__AVX__)
+constexpr int TB = 8;
+typedef __m256 tb_t;
+static inline tb_t tb_load(const float* p) { return _mm256_loadu_ps(p); }
+static inline void tb_store(float* p, tb_t v) { _mm256_storeu_ps(p, v); }
+static inline void tb_transpose(tb_t r[8]) {    // r: 8 rows of 8 floats → its transpose, in place
+  __m256 t[8], u[8];
+  for (int k = 0; k < 4; ++k) { t[2 * k] = _mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]); t[2 * k + 1] = _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]); }
+  for (int k = 0; k < 2; ++k) {
+    u[4 * k] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44); u[4 * k + 1] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0xEE);
+    u[4 * k + 2] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44); u[4 * k + 3] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+  }
+  for (int e = 0; e < 4; ++e) { r[e] = _mm256_permute2f128_ps(u[e], u[4 + e], 0x20); r[4 + e] = _mm256_permute2f128_ps(u[e], u[4 + e], 0x31); }
+}
 #endif
 
-constexpr int64_t LEFT = 4;   // at most this many channels past the last whole block of 16 are copied one by one
-// P pixels of C channels (pixel stride sp) → C planes dst[c·sd + p]; 16×16 transposes where C >= 16 (past the last whole
-// block of 16, up to LEFT channels are copied one by one, more by a block overlapping the one before: values written twice).
+constexpr int64_t LEFT = 4;   // at most this many channels past the last whole block are copied one by one
+// P pixels of C channels (pixel stride sp) → C planes dst[c·sd + p], through TB×TB register transposes where C >= TB
+// (past the last whole block, up to LEFT channels are copied one by one, more by a block overlapping the one before).
 static void pixels_to_planes(const float* __restrict__ src, int64_t sp, float* __restrict__ dst, int64_t sd, int64_t P, int64_t C) {
   int64_t p0 = 0;
-#if defined(__AVX512F__)
-  if (C >= 16)
-    for (; p0 + 16 <= P; p0 += 16)
-      for (int64_t c0 = 0; c0 < C; c0 += 16) {
-        if (c0 + 16 > C && C - c0 <= LEFT) {   // a few channels left: copied one by one
-          for (int j = 0; j < 16; ++j) for (int64_t c = c0; c < C; ++c) dst[c * sd + p0 + j] = src[(p0 + j) * sp + c];
+#if defined(__AVX512F__) || defined(__AVX__)
+  if (C >= TB)
+    for (; p0 + TB <= P; p0 += TB)
+      for (int64_t c0 = 0; c0 < C; c0 += TB) {
+        if (c0 + TB > C && C - c0 <= LEFT) {   // a few channels left: copied one by one
+          for (int j = 0; j < TB; ++j) for (int64_t c = c0; c < C; ++c) dst[c * sd + p0 + j] = src[(p0 + j) * sp + c];
           break;
         }
-        const int64_t c = std::min(c0, C - 16);
-        __m512 r[16];
-        for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(src + (p0 + j) * sp + c);
-        tr16(r);
-        for (int k = 0; k < 16; ++k) _mm512_storeu_ps(dst + (c + k) * sd + p0, r[k]);
+        const int64_t c = std::min(c0, C - TB);
+        tb_t r[TB];
+        for (int j = 0; j < TB; ++j) r[j] = tb_load(src + (p0 + j) * sp + c);
+        tb_transpose(r);
+        for (int k = 0; k < TB; ++k) tb_store(dst + (c + k) * sd + p0, r[k]);
       }
 #endif
   for (int64_t p = p0; p < P; ++p) for (int64_t c = 0; c < C; ++c) dst[c * sd + p] = src[p * sp + c];
@@ -69,19 +91,19 @@ static void pixels_to_planes(const float* __restrict__ src, int64_t sp, float* _
 // C planes src[c·sd + p] → P pixels of C channels (pixel stride sp)
 static void planes_to_pixels(const float* __restrict__ src, int64_t sd, float* __restrict__ dst, int64_t sp, int64_t P, int64_t C) {
   int64_t p0 = 0;
-#if defined(__AVX512F__)
-  if (C >= 16)
-    for (; p0 + 16 <= P; p0 += 16)
-      for (int64_t c0 = 0; c0 < C; c0 += 16) {
-        if (c0 + 16 > C && C - c0 <= LEFT) {
-          for (int j = 0; j < 16; ++j) for (int64_t c = c0; c < C; ++c) dst[(p0 + j) * sp + c] = src[c * sd + p0 + j];
+#if defined(__AVX512F__) || defined(__AVX__)
+  if (C >= TB)
+    for (; p0 + TB <= P; p0 += TB)
+      for (int64_t c0 = 0; c0 < C; c0 += TB) {
+        if (c0 + TB > C && C - c0 <= LEFT) {
+          for (int j = 0; j < TB; ++j) for (int64_t c = c0; c < C; ++c) dst[(p0 + j) * sp + c] = src[c * sd + p0 + j];
           break;
         }
-        const int64_t c = std::min(c0, C - 16);
-        __m512 r[16];
-        for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(src + (c + k) * sd + p0);
-        tr16(r);
-        for (int j = 0; j < 16; ++j) _mm512_storeu_ps(dst + (p0 + j) * sp + c, r[j]);
+        const int64_t c = std::min(c0, C - TB);
+        tb_t r[TB];
+        for (int k = 0; k < TB; ++k) r[k] = tb_load(src + (c + k) * sd + p0);
+        tb_transpose(r);
+        for (int j = 0; j < TB; ++j) tb_store(dst + (p0 + j) * sp + c, r[j]);
       }
 #endif
   for (int64_t p = p0; p < P; ++p) for (int64_t c = 0; c < C; ++c) dst[p * sp + c] = src[c * sd + p];
@@ -165,7 +187,7 @@ at::Tensor conv3_forward(const at::Tensor& x, const at::Tensor& w_, const at::Te
           const float* wo = wpp + ob * C * 9 * OBF; const float* bo = bpp + ob * OBF;
           float* oo = ot.data() + ob * OBF * Wv;
           int64_t w0 = 0;
-          for (; w0 + 4 * V <= Wv; w0 += 4 * V) fwd_tile<4>(buf.data(), C, PS, off, w0, wo, bo, oo, Wv);
+          if (WBF == 4) for (; w0 + 4 * V <= Wv; w0 += 4 * V) fwd_tile<WBF>(buf.data(), C, PS, off, w0, wo, bo, oo, Wv);
           for (; w0 + 2 * V <= Wv; w0 += 2 * V) fwd_tile<2>(buf.data(), C, PS, off, w0, wo, bo, oo, Wv);
           for (; w0 < Wv; w0 += V) fwd_tile<1>(buf.data(), C, PS, off, w0, wo, bo, oo, Wv);
         }
@@ -208,11 +230,11 @@ static inline void wgrad_tile(const float* __restrict__ xr, int64_t xs, const fl
 template <int OB>
 static void wgrad_block(const float* xb, int64_t C, int64_t R, const float* gb, int64_t RR, int64_t LD, int64_t Wv,
                         float* part, int64_t ps) {
-  for (int64_t c = 0; c < C; c += 2)
+  for (int64_t c = 0; c < C; c += WCB)
     for (int kh = 0; kh < 3; ++kh) {
       const float* xr = xb + (c * R + kh) * LD + PADL;
       float* pc = part + (c * 9 + kh * 3) * V;
-      if (c + 1 < C) wgrad_tile<OB, 2>(xr, R * LD, gb + PADL, RR * LD, RR, LD, Wv, pc, ps);
+      if (c + WCB <= C) wgrad_tile<OB, WCB>(xr, R * LD, gb + PADL, RR * LD, RR, LD, Wv, pc, ps);
       else wgrad_tile<OB, 1>(xr, R * LD, gb + PADL, RR * LD, RR, LD, Wv, pc, ps);
     }
 }
@@ -240,10 +262,10 @@ std::vector<at::Tensor> conv3_backward_weight(const at::Tensor& dy, const at::Te
       for (int64_t i = 0; i < R; ++i) load_row(xp + n * H * W * C, H, W, C, h0 - 1 + i, xb.data() + i * LD, R * LD, LD);
       for (int64_t i = 0; i < RR; ++i) load_row(gp + n * H * W * O, H, W, O, h0 + i, gb.data() + i * LD, RR * LD, LD);
       int64_t o = 0;
-      for (; o + 4 <= O; o += 4) wgrad_block<4>(xb.data(), C, R, gb.data() + o * RR * LD, RR, LD, Wv, part.data() + o * ps, ps);
+      for (; o + WOB <= O; o += WOB) wgrad_block<WOB>(xb.data(), C, R, gb.data() + o * RR * LD, RR, LD, Wv, part.data() + o * ps, ps);
       const float* go = gb.data() + o * RR * LD; float* po = part.data() + o * ps;
       switch (O - o) {
-        case 3: wgrad_block<3>(xb.data(), C, R, go, RR, LD, Wv, po, ps); break;
+        case 3: if (WOB > 3) wgrad_block<3>(xb.data(), C, R, go, RR, LD, Wv, po, ps); break;
         case 2: wgrad_block<2>(xb.data(), C, R, go, RR, LD, Wv, po, ps); break;
         case 1: wgrad_block<1>(xb.data(), C, R, go, RR, LD, Wv, po, ps); break;
         default: break;
