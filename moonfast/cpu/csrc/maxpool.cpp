@@ -2,6 +2,7 @@
 // scatters the gradient to it. NaN wins, ties go to the first position in the window, as in PyTorch.
 #include "common.h"
 #include "ops.h"
+#include <type_traits>
 
 constexpr uint8_t UNSET = 255;   // window positions are stored in a byte: at most 254 of them
 
@@ -44,13 +45,24 @@ static void __attribute__((noinline)) row_max(const A* __restrict__ hm, const ty
     take(v, m[j], io[j], P(base + hk[j]));
   }
 }
+// h where q == k, else +0, as a bit mask of the same width (no branch, no select between different widths): loops of it
+// vectorise with AVX2 too, where a select of floats on an integer comparison did not (it needs AVX-512's mask registers)
+template <typename A, typename P>
+static inline A pick(P q, P k, A h) {
+  static_assert(sizeof(A) == sizeof(P), "positions as wide as the values");
+  using U = typename std::conditional<sizeof(A) == 8, uint64_t, uint32_t>::type;
+  U b; std::memcpy(&b, &h, sizeof b);
+  b &= U(0) - U(q == k);
+  A r; std::memcpy(&r, &b, sizeof r); return r;
+}
+
 // acc += the output gradients whose window maximum sits at position `pos` of their window
 template <typename E>
 static void __attribute__((noinline)) tap_grad(const typename E::S* __restrict__ g,
                                                const typename PosOf<typename E::A>::P* __restrict__ io,
                                                typename E::A* __restrict__ acc, int64_t lo, int64_t hi, int pos) {
   using P = typename PosOf<typename E::A>::P;
-  for (int64_t j = lo; j < hi; ++j) acc[j] += io[j] == P(pos) ? E::ld(g[j]) : typename E::A(0);
+  for (int64_t j = lo; j < hi; ++j) acc[j] += pick(io[j], P(pos), E::ld(g[j]));
 }
 
 // The 3×3 pool (the course ResNet's stem) in one pass each way over its interior, where every window position is
@@ -97,9 +109,9 @@ static void __attribute__((noinline)) grad3(const typename E::S* __restrict__ g0
   for (int64_t j = lo; j < hi; ++j) {
     const int64_t o0 = j + p * C, o1 = j + (p - 1) * C, o2 = j + (p - 2) * C;   // the output column of tap kw = 0, 1, 2
     A a = 0;
-    a += q0[o0] == P(0) ? E::ld(g0[o0]) : A(0); a += q0[o1] == P(1) ? E::ld(g0[o1]) : A(0); a += q0[o2] == P(2) ? E::ld(g0[o2]) : A(0);
-    a += q1[o0] == P(3) ? E::ld(g1[o0]) : A(0); a += q1[o1] == P(4) ? E::ld(g1[o1]) : A(0); a += q1[o2] == P(5) ? E::ld(g1[o2]) : A(0);
-    a += q2[o0] == P(6) ? E::ld(g2[o0]) : A(0); a += q2[o1] == P(7) ? E::ld(g2[o1]) : A(0); a += q2[o2] == P(8) ? E::ld(g2[o2]) : A(0);
+    a += pick(q0[o0], P(0), E::ld(g0[o0])); a += pick(q0[o1], P(1), E::ld(g0[o1])); a += pick(q0[o2], P(2), E::ld(g0[o2]));
+    a += pick(q1[o0], P(3), E::ld(g1[o0])); a += pick(q1[o1], P(4), E::ld(g1[o1])); a += pick(q1[o2], P(5), E::ld(g1[o2]));
+    a += pick(q2[o0], P(6), E::ld(g2[o0])); a += pick(q2[o1], P(7), E::ld(g2[o1])); a += pick(q2[o2], P(8), E::ld(g2[o2]));
     acc[j] = a;
   }
 }
