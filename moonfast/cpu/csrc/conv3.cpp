@@ -67,46 +67,32 @@ static inline void tb_transpose(tb_t r[8]) {    // r: 8 rows of 8 floats → its
 #endif
 
 constexpr int64_t LEFT = 4;   // at most this many channels past the last whole block are copied one by one
-// P pixels of C channels (pixel stride sp) → C planes dst[c·sd + p], through TB×TB register transposes where C >= TB
-// (past the last whole block, up to LEFT channels are copied one by one, more by a block overlapping the one before).
-static void pixels_to_planes(const float* __restrict__ src, int64_t sp, float* __restrict__ dst, int64_t sd, int64_t P, int64_t C) {
+// P pixels of C channels (pixel p, channel c at p·sp + c) ↔ C planes (at c·sd + p): pixels to planes when TO_PLANES,
+// planes to pixels otherwise. TB×TB register transposes where C >= TB; past the last whole block, up to LEFT channels
+// are copied one by one, more by a block overlapping the one before (the same values written twice).
+template <bool TO_PLANES>
+static void relayout(const float* __restrict__ src, float* __restrict__ dst, int64_t sp, int64_t sd, int64_t P, int64_t C) {
+  auto px = [&](int64_t p, int64_t c) { return p * sp + c; };   // offset in the pixel layout
+  auto pl = [&](int64_t p, int64_t c) { return c * sd + p; };   // offset in the plane layout
   int64_t p0 = 0;
 #if defined(__AVX512F__) || defined(__AVX__)
   if (C >= TB)
     for (; p0 + TB <= P; p0 += TB)
       for (int64_t c0 = 0; c0 < C; c0 += TB) {
         if (c0 + TB > C && C - c0 <= LEFT) {   // a few channels left: copied one by one
-          for (int j = 0; j < TB; ++j) for (int64_t c = c0; c < C; ++c) dst[c * sd + p0 + j] = src[(p0 + j) * sp + c];
+          for (int j = 0; j < TB; ++j) for (int64_t c = c0; c < C; ++c)
+            if (TO_PLANES) dst[pl(p0 + j, c)] = src[px(p0 + j, c)]; else dst[px(p0 + j, c)] = src[pl(p0 + j, c)];
           break;
         }
         const int64_t c = std::min(c0, C - TB);
-        tb_t r[TB];
-        for (int j = 0; j < TB; ++j) r[j] = tb_load(src + (p0 + j) * sp + c);
+        tb_t r[TB];   // row i: pixel p0 + i (from pixels) or channel c + i (from planes)
+        for (int i = 0; i < TB; ++i) r[i] = tb_load(src + (TO_PLANES ? px(p0 + i, c) : pl(p0, c + i)));
         tb_transpose(r);
-        for (int k = 0; k < TB; ++k) tb_store(dst + (c + k) * sd + p0, r[k]);
+        for (int i = 0; i < TB; ++i) tb_store(dst + (TO_PLANES ? pl(p0, c + i) : px(p0 + i, c)), r[i]);
       }
 #endif
-  for (int64_t p = p0; p < P; ++p) for (int64_t c = 0; c < C; ++c) dst[c * sd + p] = src[p * sp + c];
-}
-// C planes src[c·sd + p] → P pixels of C channels (pixel stride sp)
-static void planes_to_pixels(const float* __restrict__ src, int64_t sd, float* __restrict__ dst, int64_t sp, int64_t P, int64_t C) {
-  int64_t p0 = 0;
-#if defined(__AVX512F__) || defined(__AVX__)
-  if (C >= TB)
-    for (; p0 + TB <= P; p0 += TB)
-      for (int64_t c0 = 0; c0 < C; c0 += TB) {
-        if (c0 + TB > C && C - c0 <= LEFT) {
-          for (int j = 0; j < TB; ++j) for (int64_t c = c0; c < C; ++c) dst[(p0 + j) * sp + c] = src[c * sd + p0 + j];
-          break;
-        }
-        const int64_t c = std::min(c0, C - TB);
-        tb_t r[TB];
-        for (int k = 0; k < TB; ++k) r[k] = tb_load(src + (c + k) * sd + p0);
-        tb_transpose(r);
-        for (int j = 0; j < TB; ++j) tb_store(dst + (p0 + j) * sp + c, r[j]);
-      }
-#endif
-  for (int64_t p = p0; p < P; ++p) for (int64_t c = 0; c < C; ++c) dst[p * sp + c] = src[c * sd + p];
+  for (int64_t p = p0; p < P; ++p) for (int64_t c = 0; c < C; ++c)
+    if (TO_PLANES) dst[pl(p, c)] = src[px(p, c)]; else dst[px(p, c)] = src[pl(p, c)];
 }
 
 // Image row r (zeros outside 0..H-1) of x (H, W, C) into C plane rows at dst + c·sd: PADL zeros, W values, zeros to LD.
@@ -117,7 +103,7 @@ static void load_row(const float* x, int64_t H, int64_t W, int64_t C, int64_t r,
     if (!in) { std::memset(d, 0, LD * sizeof(float)); continue; }
     std::memset(d, 0, PADL * sizeof(float)); std::memset(d + PADL + W, 0, (LD - PADL - W) * sizeof(float));
   }
-  if (in) pixels_to_planes(x + r * W * C, C, dst + PADL, sd, W, C);
+  if (in) relayout<true>(x + r * W * C, dst + PADL, C, sd, W, C);
 }
 
 // OBF output channels × WB vectors of one output row: Σ over input planes c and the 3×3 taps (plane rows at off[kh]).
@@ -191,7 +177,7 @@ at::Tensor conv3_forward(const at::Tensor& x, const at::Tensor& w_, const at::Te
           for (; w0 + 2 * V <= Wv; w0 += 2 * V) fwd_tile<2>(buf.data(), C, PS, off, w0, wo, bo, oo, Wv);
           for (; w0 < Wv; w0 += V) fwd_tile<1>(buf.data(), C, PS, off, w0, wo, bo, oo, Wv);
         }
-        planes_to_pixels(ot.data(), Wv, yp + (n * H + h) * W * O, O, W, O);
+        relayout<false>(ot.data(), yp + (n * H + h) * W * O, O, Wv, W, O);
       }
     }
   });
