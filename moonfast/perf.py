@@ -232,6 +232,28 @@ def learner_infer_rate(learn, # a moonfast `Learner`
 class _NoValidation(Callback):
     def before_validate(self): raise CancelValidException
 
+_PROFILER_CHATTER = ('USDT:', 'STAGE:')   # what PyTorch's profiler (Kineto) writes straight to the process's stdout/stderr
+
+@contextmanager
+def _quiet_profiler_log():
+    "Hold back the lines the profiler writes to file descriptors 1 and 2 when it starts or stops (past KINETO_LOG_LEVEL); anything else written meanwhile is passed on to stderr"
+    import ctypes, sys, tempfile
+    for s in (sys.stdout, sys.stderr):
+        try: s.flush()
+        except Exception: pass
+    try: fds = [(fd, os.dup(fd)) for fd in (1, 2)]
+    except OSError: yield; return   # no such descriptors (an embedded interpreter): nothing to hold back
+    with tempfile.TemporaryFile(mode='w+b') as cap:
+        for fd, _ in fds: os.dup2(cap.fileno(), fd)
+        try: yield
+        finally:
+            try: ctypes.CDLL(None).fflush(None)   # C stdio buffers, written while the capture is in place
+            except Exception: pass
+            for fd, saved in fds: os.dup2(saved, fd); os.close(saved)
+            cap.seek(0)
+            rest = [l for l in cap.read().decode(errors='replace').splitlines() if l.strip() and not l.startswith(_PROFILER_CHATTER)]
+            if rest: print('\n'.join(rest), file=sys.stderr)
+
 def op_profile(learn, # a moonfast `Learner`
                batches:list, # in-memory (x, y) batches from the learner's own pipeline
                top:int=12, # how many operations to list
@@ -242,7 +264,11 @@ def op_profile(learn, # a moonfast `Learner`
     os.environ.setdefault('KINETO_LOG_LEVEL', '5')   # the profiler's own log: without it, a CPU-only machine prints a GPU 'error'
     with _on_batches(learn, batches):
         learn.fit(1, lr, cbs=_NoValidation())
-        with profile(activities=[ProfilerActivity.CPU]) as prof: learn.fit(1, lr, cbs=_NoValidation())
+        prof = profile(activities=[ProfilerActivity.CPU])
+        with _quiet_profiler_log(): prof.__enter__()
+        try: learn.fit(1, lr, cbs=_NoValidation())
+        finally:
+            with _quiet_profiler_log(): prof.__exit__(None, None, None)
     ev, n = [e for e in prof.key_averages() if not e.key.startswith('ProfilerStep')], len(batches)
     total = sum(e.self_cpu_time_total for e in ev)/1e3/n
     rows = sorted(((e.key, e.self_cpu_time_total/1e3/n, e.count/n) for e in ev), key=lambda r: -r[1])[:top]

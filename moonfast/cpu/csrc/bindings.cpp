@@ -22,5 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv3_forward", &conv3_forward, "3×3 conv, stride 1, padding 1: output (channels-last)");
   m.def("conv3_backward_input", &conv3_backward_input, "its input gradient");
   m.def("conv3_backward_weight", &conv3_backward_weight, "its weight and bias gradients");
+  m.def("convs2_forward", &convs2_forward, "K×K conv (K = 3, 5, 7), stride 2, padding K/2: output (channels-last)");
+  m.def("convs2_backward_weight", &convs2_backward_weight, "its weight and bias gradients");
   m.def("affine_grid", &affine_grid, "sampling grid of (N, 3, 3) maps");
 }

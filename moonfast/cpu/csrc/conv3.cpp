@@ -276,3 +276,196 @@ std::vector<at::Tensor> conv3_backward_weight(const at::Tensor& dy, const at::Te
   if (bias) { float* gbp = gbias.data_ptr<float>(); for (int64_t oc = 0; oc < O; ++oc) gbp[oc] = float(db[oc]); }
   return {gw, gbias};
 }
+
+// ---- K×K convolution (K = 3, 5 or 7), stride 2, padding K/2, on channels-last fp32 tensors, along the image row ----
+// The ResNet's stem (7×7 on 3 channels) and its first 3×3 stride-2 layer are where oneDNN's channel-vectorised code
+// is furthest from the matmul rate (3 input channels, 18 outputs). Each input row is split into its even and its odd
+// columns (two "phase" rows a plane), so the input of a tap is again a contiguous run: output column w, tap kx reads
+// input column 2w + kx − K/2, which is phase (kx − K/2) mod 2 at index w + ⌊(kx − K/2)/2⌋. The input gradient stays
+// oneDNN's (the stem's input, the image, needs none).
+
+// Input row r of x (H, W, C), zeros outside 0..H-1, as C × 2 phase rows at dst + (2c + p)·LD: PADL zeros, then
+// x[r, 2j + p] for j = 0, 1, …, zeros to LD. tmp: room for C·W floats.
+static void load_phase_row(const float* x, int64_t H, int64_t W, int64_t C, int64_t r, float* dst, int64_t LD, float* tmp) {
+  if (r < 0 || r >= H) { std::memset(dst, 0, 2 * C * LD * sizeof(float)); return; }
+  relayout<true>(x + r * W * C, tmp, C, W, W, C);   // C planes of W
+  const int64_t We = (W + 1) / 2, Wo = W / 2;
+  for (int64_t c = 0; c < C; ++c) {
+    const float* s = tmp + c * W;
+    float* e = dst + 2 * c * LD; float* o = e + LD;
+    std::memset(e, 0, PADL * sizeof(float)); std::memset(o, 0, PADL * sizeof(float));
+    for (int64_t j = 0; j < Wo; ++j) { e[PADL + j] = s[2 * j]; o[PADL + j] = s[2 * j + 1]; }
+    if (We > Wo) e[PADL + Wo] = s[2 * Wo];
+    std::memset(e + PADL + We, 0, (LD - PADL - We) * sizeof(float));
+    std::memset(o + PADL + Wo, 0, (LD - PADL - Wo) * sizeof(float));
+  }
+}
+
+// where tap kx reads: phase and index shift
+template <int K> static constexpr int tap_phase(int kx) { return (kx - K / 2) & 1; }
+template <int K> static constexpr int tap_shift(int kx) { return (kx - K / 2 - tap_phase<K>(kx)) / 2; }
+
+// OBF output channels × WB vectors of one output row; off[kh]: the slot of input row 2h + kh − K/2, C·2 phase rows each.
+template <int K, int WB>
+static inline void fwd2_tile(const float* __restrict__ buf, int64_t C, int64_t LD, const int64_t* off, int64_t w0,
+                             const float* __restrict__ wp, const float* __restrict__ bias, float* __restrict__ out, int64_t ldo) {
+  vf acc[OBF][WB];
+  for (int o = 0; o < OBF; ++o) for (int v = 0; v < WB; ++v) acc[o][v] = (vf){} + bias[o];
+  for (int64_t c = 0; c < C; ++c)
+    for (int kh = 0; kh < K; ++kh) {
+      const float* xr = buf + off[kh] + 2 * c * LD + PADL + w0;
+      const float* wk = wp + (c * K + kh) * K * OBF;
+#pragma GCC unroll 7
+      for (int kx = 0; kx < K; ++kx) {
+        const float* xp = xr + tap_phase<K>(kx) * LD + tap_shift<K>(kx);
+        vf xv[WB];
+        for (int v = 0; v < WB; ++v) xv[v] = ldu(xp + v * V);
+        for (int o = 0; o < OBF; ++o) { const float s = wk[kx * OBF + o]; for (int v = 0; v < WB; ++v) acc[o][v] += xv[v] * s; }
+      }
+    }
+  for (int o = 0; o < OBF; ++o) for (int v = 0; v < WB; ++v) stu(out + o * ldo + w0 + v * V, acc[o][v]);
+}
+
+static void check_conv_s2(const at::Tensor& x, const at::Tensor& w, int64_t K, const char* what) {
+  TORCH_CHECK(K == 3 || K == 5 || K == 7, "moonfast conv_s2: kernel size ", K, " (expected 3, 5 or 7)");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "moonfast conv_s2: expected ", what, " to be a 4-d channels-last float32 CPU tensor");
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 4 && w.size(2) == K && w.size(3) == K && w.scalar_type() == at::kFloat,
+              "moonfast conv_s2: expected float32 CPU weights of shape (out, in, ", K, ", ", K, ")");
+}
+
+template <int K>
+static at::Tensor convs2_forward_k(const at::Tensor& x, const at::Tensor& w_, const at::Tensor& b_) {
+  constexpr int P = K / 2, S = K + 1;   // padding; input-row slots in rotation
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = w_.size(0);
+  const int64_t Ho = (H - 1) / 2 + 1, Wo = (W - 1) / 2 + 1;
+  const int64_t Op = round_up(O, OBF), NB = Op / OBF, Wv = round_up(Wo, V), LD = PADL + Wv + V, SL = 2 * C * LD;
+  auto wpad = at::zeros({Op, C, K, K}, w_.options());
+  wpad.narrow(0, 0, O).copy_(w_);
+  auto wp = wpad.view({NB, OBF, C, K, K}).permute({0, 2, 3, 4, 1}).contiguous();   // [block][c][kh][kw][OBF]
+  auto bp = at::zeros({Op}, w_.options());
+  if (b_.numel()) bp.narrow(0, 0, O).copy_(b_.reshape({O}));
+  auto y = at::empty({N, O, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (y.numel() == 0) return y;
+  const float* xp = x.data_ptr<float>(); const float* wpp = wp.data_ptr<float>(); const float* bpp = bp.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t nt = at::get_num_threads();
+  const int64_t nblk = N >= 2 * nt ? 1 : std::min(Ho, (2 * nt + N - 1) / N), RB = (Ho + nblk - 1) / nblk;
+  at::parallel_for(0, N * nblk, 1, [&](int64_t s, int64_t e) {
+    std::vector<float> buf(S * SL), ot(Op * Wv), tmp(W * C);
+    for (int64_t t = s; t < e; ++t) {
+      const int64_t n = t / nblk, h0 = (t % nblk) * RB, h1 = std::min(Ho, h0 + RB);
+      const float* xn = xp + n * H * W * C;
+      auto slot = [&](int64_t r) { return ((r % S) + S) % S * SL; };
+      int64_t next = 2 * h0 - P;   // the next input row to load
+      for (int64_t h = h0; h < h1; ++h) {
+        for (; next <= 2 * h + P; ++next) load_phase_row(xn, H, W, C, next, buf.data() + slot(next), LD, tmp.data());
+        int64_t off[K];
+        for (int kh = 0; kh < K; ++kh) off[kh] = slot(2 * h + kh - P);
+        for (int64_t ob = 0; ob < NB; ++ob) {
+          const float* wo = wpp + ob * C * K * K * OBF; const float* bo = bpp + ob * OBF;
+          float* oo = ot.data() + ob * OBF * Wv;
+          int64_t w0 = 0;
+          if (WBF == 4) for (; w0 + 4 * V <= Wv; w0 += 4 * V) fwd2_tile<K, WBF>(buf.data(), C, LD, off, w0, wo, bo, oo, Wv);
+          for (; w0 + 2 * V <= Wv; w0 += 2 * V) fwd2_tile<K, 2>(buf.data(), C, LD, off, w0, wo, bo, oo, Wv);
+          for (; w0 < Wv; w0 += V) fwd2_tile<K, 1>(buf.data(), C, LD, off, w0, wo, bo, oo, Wv);
+        }
+        relayout<false>(ot.data(), yp + (n * Ho + h) * Wo * O, O, Wv, Wo, O);
+      }
+    }
+  });
+  return y;
+}
+
+// x (N, C, H, W) channels-last; w (O, C, K, K); b: O values or an empty tensor. The channels-last (N, O, ⌈H/2⌉, ⌈W/2⌉) output.
+at::Tensor convs2_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  const int64_t K = w.dim() == 4 ? w.size(2) : 0;
+  check_conv_s2(x, w, K, "the input");
+  TORCH_CHECK(w.size(1) == x.size(1), "moonfast conv_s2: weights for ", w.size(1), " input channels, input has ", x.size(1));
+  TORCH_CHECK(b.numel() == 0 || (b.numel() == w.size(0) && b.scalar_type() == at::kFloat), "moonfast conv_s2: expected ",
+              w.size(0), " float32 biases");
+  return K == 3 ? convs2_forward_k<3>(x, w, b) : K == 5 ? convs2_forward_k<5>(x, w, b) : convs2_forward_k<7>(x, w, b);
+}
+
+// OB output channels × K horizontal taps of one input channel and one vertical tap, summed over RR output rows.
+// xr: the phase rows of input row 2·0 + kh (row i at xr + 2i·xs); gr: OB gradient plane rows (row i at gr + i·LD).
+template <int K, int OB>
+static inline void wgrad2_tile(const float* __restrict__ xr, int64_t xs, int64_t LD, const float* __restrict__ gr, int64_t gs,
+                               int64_t RR, int64_t Wv, float* __restrict__ part, int64_t ps) {
+  vf acc[OB][K];
+  for (int o = 0; o < OB; ++o) for (int k = 0; k < K; ++k) acc[o][k] = (vf){};
+  for (int64_t i = 0; i < RR; ++i) {
+    const float* x = xr + 2 * i * xs; const float* g = gr + i * LD;
+    for (int64_t w0 = 0; w0 < Wv; w0 += V) {
+      vf gg[OB];
+      for (int o = 0; o < OB; ++o) gg[o] = ldu(g + o * gs + w0);
+#pragma GCC unroll 7
+      for (int k = 0; k < K; ++k) {
+        const vf xv = ldu(x + tap_phase<K>(k) * LD + tap_shift<K>(k) + w0);
+        for (int o = 0; o < OB; ++o) acc[o][k] += gg[o] * xv;
+      }
+    }
+  }
+  for (int o = 0; o < OB; ++o) for (int k = 0; k < K; ++k) { float* m = part + o * ps + k * V; stu(m, ldu(m) + acc[o][k]); }
+}
+
+template <int K>
+static std::vector<at::Tensor> convs2_backward_weight_k(const at::Tensor& dy, const at::Tensor& x, bool bias) {
+  constexpr int P = K / 2;
+  // accumulators in registers: OB × K of them (16 vector registers with AVX2, 32 with AVX-512)
+  constexpr int OB = V == 16 ? (K == 7 ? 3 : K == 5 ? 4 : 6) : (K == 7 ? 2 : K == 5 ? 2 : 3);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = dy.size(1), Ho = dy.size(2), Wo = dy.size(3);
+  const int64_t Wv = round_up(Wo, V), LD = PADL + Wv + V, RB = std::min<int64_t>(Ho, std::max<int64_t>(4, 512 / Wv));
+  const int64_t nblk = Ho ? (Ho + RB - 1) / RB : 0, ps = C * K * K * V;
+  const int nt = at::get_num_threads();
+  std::vector<std::vector<float>> parts(nt);
+  const float* xp = x.data_ptr<float>(); const float* gp = dy.data_ptr<float>();
+  at::parallel_for(0, N * nblk, 1, [&](int64_t s, int64_t e) {
+    auto& part = parts[at::get_thread_num()];
+    if (part.empty()) part.assign(O * ps + O * V, 0.f);
+    const int64_t XR = 2 * RB + K - 2;   // input rows a block of RB output rows reads
+    std::vector<float> xb(XR * 2 * C * LD), gb(O * RB * LD), tmp(std::max(W, Wo) * std::max(C, O));
+    for (int64_t t = s; t < e; ++t) {
+      const int64_t n = t / nblk, h0 = (t % nblk) * RB, h1 = std::min(Ho, h0 + RB), RR = h1 - h0, R = 2 * RR + K - 2;
+      for (int64_t i = 0; i < R; ++i) load_phase_row(xp + n * H * W * C, H, W, C, 2 * h0 - P + i, xb.data() + i * 2 * C * LD, LD, tmp.data());
+      for (int64_t i = 0; i < RR; ++i) load_row(gp + n * Ho * Wo * O, Ho, Wo, O, h0 + i, gb.data() + i * LD, RR * LD, LD);
+      for (int64_t c = 0; c < C; ++c)
+        for (int kh = 0; kh < K; ++kh) {
+          const float* xr = xb.data() + (kh * 2 * C + 2 * c) * LD + PADL;
+          float* pc = part.data() + (c * K + kh) * K * V;
+          int64_t o = 0;
+          for (; o + OB <= O; o += OB) wgrad2_tile<K, OB>(xr, 2 * C * LD, LD, gb.data() + o * RR * LD + PADL, RR * LD, RR, Wv, pc + o * ps, ps);
+          for (; o < O; ++o) wgrad2_tile<K, 1>(xr, 2 * C * LD, LD, gb.data() + o * RR * LD + PADL, RR * LD, RR, Wv, pc + o * ps, ps);
+        }
+      if (bias)
+        for (int64_t oc = 0; oc < O; ++oc) {
+          vf a = (vf){};
+          for (int64_t i = 0; i < RR; ++i) for (int64_t w0 = 0; w0 < Wv; w0 += V) a += ldu(gb.data() + (oc * RR + i) * LD + PADL + w0);
+          float* m = part.data() + O * ps + oc * V; stu(m, ldu(m) + a);
+        }
+    }
+  });
+  const int64_t nw = O * C * K * K;
+  std::vector<double> dw(nw, 0.0), db(O, 0.0);
+  for (const auto& p : parts) {
+    if (p.empty()) continue;
+    for (int64_t j = 0; j < nw; ++j) { double s = 0; for (int l = 0; l < V; ++l) s += p[j * V + l]; dw[j] += s; }
+    for (int64_t oc = 0; oc < O; ++oc) { double s = 0; for (int l = 0; l < V; ++l) s += p[O * ps + oc * V + l]; db[oc] += s; }
+  }
+  auto gw = at::empty({O, C, K, K}, x.options()), gbias = at::empty({bias ? O : 0}, x.options());
+  float* gwp = gw.data_ptr<float>();
+  for (int64_t j = 0; j < nw; ++j) gwp[j] = float(dw[j]);
+  if (bias) { float* gbp = gbias.data_ptr<float>(); for (int64_t oc = 0; oc < O; ++oc) gbp[oc] = float(db[oc]); }
+  return {gw, gbias};
+}
+
+// dy (N, O, ⌈H/2⌉, ⌈W/2⌉) and x (N, C, H, W), both channels-last; K the kernel size: the weight gradient (O, C, K, K)
+// and, when `bias`, the bias gradient (O), float32 (summed in float vectors per thread, then in double).
+std::vector<at::Tensor> convs2_backward_weight(const at::Tensor& dy, const at::Tensor& x, int64_t K, bool bias) {
+  check_conv_s2(x, at::empty({1, 1, K, K}, x.options()), K, "the input");
+  check_conv_s2(dy, at::empty({1, 1, K, K}, x.options()), K, "the output gradient");
+  TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(2) == (x.size(2) - 1) / 2 + 1 && dy.size(3) == (x.size(3) - 1) / 2 + 1,
+              "moonfast conv_s2: output gradient of shape ", dy.sizes(), " for an input of shape ", x.sizes());
+  return K == 3 ? convs2_backward_weight_k<3>(dy, x, bias) : K == 5 ? convs2_backward_weight_k<5>(dy, x, bias)
+                : convs2_backward_weight_k<7>(dy, x, bias);
+}

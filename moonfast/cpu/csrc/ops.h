@@ -40,6 +40,9 @@ int64_t conv3_lanes();
 at::Tensor conv3_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 at::Tensor conv3_backward_input(const at::Tensor& dy, const at::Tensor& w);
 std::vector<at::Tensor> conv3_backward_weight(const at::Tensor& dy, const at::Tensor& x, bool bias);
+// and the K×K one (K = 3, 5, 7) with stride 2 and padding K/2: output and weight (+ bias) gradients
+at::Tensor convs2_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+std::vector<at::Tensor> convs2_backward_weight(const at::Tensor& dy, const at::Tensor& x, int64_t K, bool bias);
 
 // affine_grid.cpp: the sampling grid of a batch of 3×3 (affine or perspective) maps
 at::Tensor affine_grid(const at::Tensor& m, const at::Tensor& us, const at::Tensor& vs);
