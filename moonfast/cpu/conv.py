@@ -19,7 +19,7 @@ __all__ = ['CONV_MODES', 'S2_KERNELS', 'conv_mode', 'conv3x3_supported', 'conv_s
 CONV_MODES = ('auto', 'on', 'off')
 
 def conv_mode() -> str:
-    "How 3×3 convolutions run on the CPU (`MOONFAST_CONV`): 'auto' (default) moonfast's kernel or oneDNN, whichever measured faster for the layer's shape and pass; 'on' the kernel wherever it applies; 'off' always oneDNN"
+    "How the 3×3 stride-1 and K×K stride-2 convolutions run on the CPU (`MOONFAST_CONV`): 'auto' (default) moonfast's kernel or oneDNN, whichever measured faster for the layer's shape and pass; 'on' the kernel wherever it applies; 'off' always oneDNN"
     m = os.environ.get('MOONFAST_CONV', 'auto').strip().lower() or 'auto'
     if m not in CONV_MODES: raise DataError(f"MOONFAST_CONV={m!r}: expected one of {', '.join(CONV_MODES)}")
     return m
