@@ -125,6 +125,66 @@ static inline void fwd_tile(const float* __restrict__ xb, int64_t C, int64_t PS,
   for (int o = 0; o < OBF; ++o) for (int v = 0; v < WB; ++v) stu(out + o * ldo + w0 + v * V, acc[o][v]);
 }
 
+// Weights (O, C, K, K) packed for the forward tiles as [block][c][kh][kw][OBF] (output channels beyond O zero), and
+// the biases padded to whole blocks (zeros when `b` is empty).
+static std::pair<at::Tensor, at::Tensor> pack_weights(const at::Tensor& w, const at::Tensor& b, int64_t K) {
+  const int64_t O = w.size(0), C = w.size(1), Op = round_up(O, OBF);
+  auto wpad = at::zeros({Op, C, K, K}, w.options());
+  wpad.narrow(0, 0, O).copy_(w);
+  auto bp = at::zeros({Op}, w.options());
+  if (b.numel()) bp.narrow(0, 0, O).copy_(b.reshape({O}));
+  return {wpad.view({Op / OBF, OBF, C, K, K}).permute({0, 2, 3, 4, 1}).contiguous(), bp};
+}
+
+// Tasks of the forward passes: image n, a block of its Ho output rows; fewer images than twice the threads: split the
+// rows too. Returns (blocks an image, rows a block).
+static std::pair<int64_t, int64_t> row_blocks(int64_t N, int64_t Ho) {
+  const int64_t nt = at::get_num_threads();
+  const int64_t nblk = N >= 2 * nt ? 1 : std::min(Ho, (2 * nt + N - 1) / N);
+  return {nblk, (Ho + nblk - 1) / nblk};
+}
+
+// Add one task's bias gradient (Σ of RR gradient plane rows of O channels in gb) into the thread's partials at `m`.
+static void bias_part(const float* gb, int64_t O, int64_t RR, int64_t LD, int64_t Wv, float* m) {
+  for (int64_t oc = 0; oc < O; ++oc) {
+    vf a = (vf){};
+    for (int64_t i = 0; i < RR; ++i) for (int64_t w0 = 0; w0 < Wv; w0 += V) a += ldu(gb + (oc * RR + i) * LD + PADL + w0);
+    stu(m + oc * V, ldu(m + oc * V) + a);
+  }
+}
+
+// The threads' partial sums (nw weights then O biases, V lanes each) summed in double: the weight gradient of `shape`
+// and the bias gradient (O values when `bias`, else empty), float32.
+static std::vector<at::Tensor> reduce_parts(const std::vector<std::vector<float>>& parts, at::IntArrayRef shape, bool bias,
+                                            const at::TensorOptions& opt) {
+  const int64_t O = shape[0], nw = c10::multiply_integers(shape);
+  std::vector<double> dw(nw, 0.0), db(O, 0.0);
+  for (const auto& p : parts) {
+    if (p.empty()) continue;
+    for (int64_t j = 0; j < nw; ++j) { double s = 0; for (int l = 0; l < V; ++l) s += p[j * V + l]; dw[j] += s; }
+    for (int64_t oc = 0; oc < O; ++oc) { double s = 0; for (int l = 0; l < V; ++l) s += p[(nw + oc) * V + l]; db[oc] += s; }
+  }
+  auto gw = at::empty(shape, opt), gbias = at::empty({bias ? O : 0}, opt);
+  float* gwp = gw.data_ptr<float>();
+  for (int64_t j = 0; j < nw; ++j) gwp[j] = float(dw[j]);
+  if (bias) { float* gbp = gbias.data_ptr<float>(); for (int64_t oc = 0; oc < O; ++oc) gbp[oc] = float(db[oc]); }
+  return {gw, gbias};
+}
+
+// A weight gradient of `shape` (O, C, K, K) summed over `tasks` tasks: body(part, s, e) adds tasks s..e-1 into its
+// thread's float partials `part` (the weights, then O biases, V lanes each), which are then summed in double.
+template <typename F>
+static std::vector<at::Tensor> weight_grad_tasks(int64_t tasks, at::IntArrayRef shape, bool bias, const at::TensorOptions& opt, F body) {
+  const int64_t n = c10::multiply_integers(shape) + shape[0];
+  std::vector<std::vector<float>> parts(at::get_num_threads());
+  at::parallel_for(0, tasks, 1, [&](int64_t s, int64_t e) {
+    auto& part = parts[at::get_thread_num()];
+    if (part.empty()) part.assign(n * V, 0.f);
+    body(part.data(), s, e);
+  });
+  return reduce_parts(parts, shape, bias, opt);
+}
+
 static void check_conv(const at::Tensor& x, const at::Tensor& w, const char* what) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.scalar_type() == at::kFloat && x.is_contiguous(at::MemoryFormat::ChannelsLast),
               "moonfast conv3x3: expected ", what, " to be a 4-d channels-last float32 CPU tensor");
@@ -139,19 +199,12 @@ at::Tensor conv3_forward(const at::Tensor& x, const at::Tensor& w_, const at::Te
   TORCH_CHECK(w_.size(1) == C, "moonfast conv3x3: weights for ", w_.size(1), " input channels, input has ", C);
   TORCH_CHECK(b_.numel() == 0 || (b_.numel() == O && b_.scalar_type() == at::kFloat), "moonfast conv3x3: expected ", O, " float32 biases");
   const int64_t Op = round_up(O, OBF), NB = Op / OBF, Wv = round_up(W, V), LD = PADL + Wv + V, PS = 3 * LD;
-  // packed weights [block][c][kh][kw][OBF], output channels beyond O zero
-  auto wpad = at::zeros({Op, C, 3, 3}, w_.options());
-  wpad.narrow(0, 0, O).copy_(w_);
-  auto wp = wpad.view({NB, OBF, C, 3, 3}).permute({0, 2, 3, 4, 1}).contiguous();
-  auto bp = at::zeros({Op}, w_.options());
-  if (b_.numel()) bp.narrow(0, 0, O).copy_(b_.reshape({O}));
+  const auto [wp, bp] = pack_weights(w_, b_, 3);
   auto y = at::empty({N, O, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
   const float* xp = x.data_ptr<float>(); const float* wpp = wp.data_ptr<float>(); const float* bpp = bp.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // each task: image n, rows h0..h1-1; fewer images than twice the threads: split the rows too
-  const int64_t nt = at::get_num_threads();
-  const int64_t nblk = N >= 2 * nt ? 1 : std::min(H, (2 * nt + N - 1) / N), RB = (H + nblk - 1) / nblk;
+  const auto [nblk, RB] = row_blocks(N, H);   // each task: image n, rows h0..h1-1
   at::parallel_for(0, N * nblk, 1, [&](int64_t s, int64_t e) {
     std::vector<float> buf(C * PS), ot(Op * Wv);
     for (int64_t t = s; t < e; ++t) {
@@ -236,45 +289,25 @@ std::vector<at::Tensor> conv3_backward_weight(const at::Tensor& dy, const at::Te
   const int64_t Wv = round_up(W, V), LD = PADL + Wv + V, RB = std::min<int64_t>(H, std::max<int64_t>(8, 1024 / Wv));
   const int64_t nblk = H ? (H + RB - 1) / RB : 0;
   const int64_t ps = C * 9 * V;   // one output channel's partial sums
-  const int nt = at::get_num_threads();
-  std::vector<std::vector<float>> parts(nt);
   const float* xp = x.data_ptr<float>(); const float* gp = dy.data_ptr<float>();
-  at::parallel_for(0, N * nblk, 1, [&](int64_t s, int64_t e) {
-    auto& part = parts[at::get_thread_num()];
-    if (part.empty()) part.assign(O * ps + O * V, 0.f);
+  return weight_grad_tasks(N * nblk, {O, C, 3, 3}, bias, x.options(), [&](float* part, int64_t s, int64_t e) {
     std::vector<float> xb(C * (RB + 2) * LD), gb(O * RB * LD);
     for (int64_t t = s; t < e; ++t) {
       const int64_t n = t / nblk, h0 = (t % nblk) * RB, h1 = std::min(H, h0 + RB), RR = h1 - h0, R = RR + 2;
       for (int64_t i = 0; i < R; ++i) load_row(xp + n * H * W * C, H, W, C, h0 - 1 + i, xb.data() + i * LD, R * LD, LD);
       for (int64_t i = 0; i < RR; ++i) load_row(gp + n * H * W * O, H, W, O, h0 + i, gb.data() + i * LD, RR * LD, LD);
       int64_t o = 0;
-      for (; o + WOB <= O; o += WOB) wgrad_block<WOB>(xb.data(), C, R, gb.data() + o * RR * LD, RR, LD, Wv, part.data() + o * ps, ps);
-      const float* go = gb.data() + o * RR * LD; float* po = part.data() + o * ps;
+      for (; o + WOB <= O; o += WOB) wgrad_block<WOB>(xb.data(), C, R, gb.data() + o * RR * LD, RR, LD, Wv, part + o * ps, ps);
+      const float* go = gb.data() + o * RR * LD; float* po = part + o * ps;
       switch (O - o) {
         case 3: if (WOB > 3) wgrad_block<3>(xb.data(), C, R, go, RR, LD, Wv, po, ps); break;
         case 2: wgrad_block<2>(xb.data(), C, R, go, RR, LD, Wv, po, ps); break;
         case 1: wgrad_block<1>(xb.data(), C, R, go, RR, LD, Wv, po, ps); break;
         default: break;
       }
-      if (bias)
-        for (int64_t oc = 0; oc < O; ++oc) {
-          vf a = (vf){};
-          for (int64_t i = 0; i < RR; ++i) for (int64_t w0 = 0; w0 < Wv; w0 += V) a += ldu(gb.data() + (oc * RR + i) * LD + PADL + w0);
-          float* m = part.data() + O * ps + oc * V; stu(m, ldu(m) + a);
-        }
+      if (bias) bias_part(gb.data(), O, RR, LD, Wv, part + O * ps);
     }
   });
-  std::vector<double> dw(O * C * 9, 0.0), db(O, 0.0);
-  for (const auto& p : parts) {
-    if (p.empty()) continue;
-    for (int64_t j = 0; j < O * C * 9; ++j) { double s = 0; for (int l = 0; l < V; ++l) s += p[j * V + l]; dw[j] += s; }
-    for (int64_t oc = 0; oc < O; ++oc) { double s = 0; for (int l = 0; l < V; ++l) s += p[O * ps + oc * V + l]; db[oc] += s; }
-  }
-  auto gw = at::empty({O, C, 3, 3}, x.options()), gbias = at::empty({bias ? O : 0}, x.options());
-  float* gwp = gw.data_ptr<float>();
-  for (int64_t j = 0; j < O * C * 9; ++j) gwp[j] = float(dw[j]);
-  if (bias) { float* gbp = gbias.data_ptr<float>(); for (int64_t oc = 0; oc < O; ++oc) gbp[oc] = float(db[oc]); }
-  return {gw, gbias};
 }
 
 // ---- K×K convolution (K = 3, 5 or 7), stride 2, padding K/2, on channels-last fp32 tensors, along the image row ----
@@ -340,17 +373,12 @@ static at::Tensor convs2_forward_k(const at::Tensor& x, const at::Tensor& w_, co
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = w_.size(0);
   const int64_t Ho = (H - 1) / 2 + 1, Wo = (W - 1) / 2 + 1;
   const int64_t Op = round_up(O, OBF), NB = Op / OBF, Wv = round_up(Wo, V), LD = PADL + Wv + V, SL = 2 * C * LD;
-  auto wpad = at::zeros({Op, C, K, K}, w_.options());
-  wpad.narrow(0, 0, O).copy_(w_);
-  auto wp = wpad.view({NB, OBF, C, K, K}).permute({0, 2, 3, 4, 1}).contiguous();   // [block][c][kh][kw][OBF]
-  auto bp = at::zeros({Op}, w_.options());
-  if (b_.numel()) bp.narrow(0, 0, O).copy_(b_.reshape({O}));
+  const auto [wp, bp] = pack_weights(w_, b_, K);
   auto y = at::empty({N, O, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   if (y.numel() == 0) return y;
   const float* xp = x.data_ptr<float>(); const float* wpp = wp.data_ptr<float>(); const float* bpp = bp.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t nt = at::get_num_threads();
-  const int64_t nblk = N >= 2 * nt ? 1 : std::min(Ho, (2 * nt + N - 1) / N), RB = (Ho + nblk - 1) / nblk;
+  const auto [nblk, RB] = row_blocks(N, Ho);
   at::parallel_for(0, N * nblk, 1, [&](int64_t s, int64_t e) {
     std::vector<float> buf(S * SL), ot(Op * Wv), tmp(W * C);
     for (int64_t t = s; t < e; ++t) {
@@ -417,12 +445,8 @@ static std::vector<at::Tensor> convs2_backward_weight_k(const at::Tensor& dy, co
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = dy.size(1), Ho = dy.size(2), Wo = dy.size(3);
   const int64_t Wv = round_up(Wo, V), LD = PADL + Wv + V, RB = std::min<int64_t>(Ho, std::max<int64_t>(4, 512 / Wv));
   const int64_t nblk = Ho ? (Ho + RB - 1) / RB : 0, ps = C * K * K * V;
-  const int nt = at::get_num_threads();
-  std::vector<std::vector<float>> parts(nt);
   const float* xp = x.data_ptr<float>(); const float* gp = dy.data_ptr<float>();
-  at::parallel_for(0, N * nblk, 1, [&](int64_t s, int64_t e) {
-    auto& part = parts[at::get_thread_num()];
-    if (part.empty()) part.assign(O * ps + O * V, 0.f);
+  return weight_grad_tasks(N * nblk, {O, C, K, K}, bias, x.options(), [&](float* part, int64_t s, int64_t e) {
     const int64_t XR = 2 * RB + K - 2;   // input rows a block of RB output rows reads
     std::vector<float> xb(XR * 2 * C * LD), gb(O * RB * LD), tmp(std::max(W, Wo) * std::max(C, O));
     for (int64_t t = s; t < e; ++t) {
@@ -432,31 +456,14 @@ static std::vector<at::Tensor> convs2_backward_weight_k(const at::Tensor& dy, co
       for (int64_t c = 0; c < C; ++c)
         for (int kh = 0; kh < K; ++kh) {
           const float* xr = xb.data() + (kh * 2 * C + 2 * c) * LD + PADL;
-          float* pc = part.data() + (c * K + kh) * K * V;
+          float* pc = part + (c * K + kh) * K * V;
           int64_t o = 0;
           for (; o + OB <= O; o += OB) wgrad2_tile<K, OB>(xr, 2 * C * LD, LD, gb.data() + o * RR * LD + PADL, RR * LD, RR, Wv, pc + o * ps, ps);
           for (; o < O; ++o) wgrad2_tile<K, 1>(xr, 2 * C * LD, LD, gb.data() + o * RR * LD + PADL, RR * LD, RR, Wv, pc + o * ps, ps);
         }
-      if (bias)
-        for (int64_t oc = 0; oc < O; ++oc) {
-          vf a = (vf){};
-          for (int64_t i = 0; i < RR; ++i) for (int64_t w0 = 0; w0 < Wv; w0 += V) a += ldu(gb.data() + (oc * RR + i) * LD + PADL + w0);
-          float* m = part.data() + O * ps + oc * V; stu(m, ldu(m) + a);
-        }
+      if (bias) bias_part(gb.data(), O, RR, LD, Wv, part + O * ps);
     }
   });
-  const int64_t nw = O * C * K * K;
-  std::vector<double> dw(nw, 0.0), db(O, 0.0);
-  for (const auto& p : parts) {
-    if (p.empty()) continue;
-    for (int64_t j = 0; j < nw; ++j) { double s = 0; for (int l = 0; l < V; ++l) s += p[j * V + l]; dw[j] += s; }
-    for (int64_t oc = 0; oc < O; ++oc) { double s = 0; for (int l = 0; l < V; ++l) s += p[O * ps + oc * V + l]; db[oc] += s; }
-  }
-  auto gw = at::empty({O, C, K, K}, x.options()), gbias = at::empty({bias ? O : 0}, x.options());
-  float* gwp = gw.data_ptr<float>();
-  for (int64_t j = 0; j < nw; ++j) gwp[j] = float(dw[j]);
-  if (bias) { float* gbp = gbias.data_ptr<float>(); for (int64_t oc = 0; oc < O; ++oc) gbp[oc] = float(db[oc]); }
-  return {gw, gbias};
 }
 
 // dy (N, O, ⌈H/2⌉, ⌈W/2⌉) and x (N, C, H, W), both channels-last; K the kernel size: the weight gradient (O, C, K, K)
