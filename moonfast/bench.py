@@ -79,6 +79,7 @@ def bench_task(task:str, # 'classifier' or 'unet'
                num_workers:int=0, # DataLoader workers of both sides
                valid_pct:float=0.2, # U-Net: validation fraction
                synth:dict|None=None, # generator arguments when the data is generated (see `bench_data`)
+               matmul_n:int|None=2048, # side of the matmul timed around each epoch and repetition (None: not timed)
                log=print) -> dict: # progress messages (None: silent)
     "Measure the baseline (in its own process) and moonfast on one model: per-epoch, per-repetition, per-batch and per-op records"
     if task not in TASKS: raise DataError(f"task={task!r}: expected one of {TASKS}")
@@ -90,14 +91,21 @@ def bench_task(task:str, # 'classifier' or 'unet'
     set_seed(seed, reproducible=False)
     learn, spec = _task_setup(task, path, size, bs, seed, max_per_class, num_workers, valid_pct, precision)
     ep_rows, prof_base, rep_rows, k = [], [], [], n_batches + 1   # a small set has fewer batches: they are then reused
+    def mark():   # the machine's matmul rate now, at fp32 (the baseline's) and at moonfast's precision
+        return {p: matmul_gflops(matmul_n, p, device=resolve_device()) for p in dict.fromkeys(('fp32', prec))} if matmul_n else {}
+    def around(a, b, p): return (a[p] + b[p])/2 if matmul_n else None
+    marks = [mark()]   # marks[2e], marks[2e+1] surround moonfast's epoch e; marks[2e+1], marks[2e+2] the baseline's
     with BaselineProcess(spec, lr=base_lr) as base:
         def base_epoch(epoch):
+            marks.append(mark())
             res = base.call('epoch')
+            marks.append(mark())
             r, v = res['train'], res['valid']
             prof_base.append(r)
             ep_rows.append(dict(task=task, config='baseline', epoch=epoch, images=r['images'], seconds=r['seconds'],
                                 img_s=r['images']/r['seconds'], peak_mib=res['peak_mib'], rise_mib=res['rise_mib'],
-                                load=res['load'], train_loss=r['loss'], **{k: v[k] for k in v if k not in ('images', 'seconds')}))
+                                load=res['load'], train_loss=r['loss'], bound_gflops=around(marks[-2], marks[-1], 'fp32'),
+                                **{k: v[k] for k in v if k not in ('images', 'seconds')}))
             log(f"  {task} baseline epoch {epoch+1}: {r['images']/r['seconds']:.1f} img/s, "
                 + ', '.join(f"{k} {v[k]:.4f}" for k in v if k not in ('images', 'seconds')))
         prof, t0 = StepProfiler(), time.perf_counter()
@@ -106,30 +114,34 @@ def bench_task(task:str, # 'classifier' or 'unet'
         for e, (vals, pe) in enumerate(zip(learn.recorder.values, prof.epochs)):
             m = {n: (float(v) if v is not None else None) for n, v in zip(names, vals)}
             ep_rows.append(dict(task=task, config='moonfast', epoch=e, images=pe['images'], seconds=pe['seconds'],
-                                img_s=pe['images']/pe['seconds'], peak_mib=pe['peak_mib'], rise_mib=pe['rise_mib'], load=None, **m))
+                                img_s=pe['images']/pe['seconds'], peak_mib=pe['peak_mib'], rise_mib=pe['rise_mib'], load=None,
+                                bound_gflops=around(marks[2*e], marks[2*e + 1], prec), **m))
             log(f"  {task} moonfast epoch {e+1}: {pe['images']/pe['seconds']:.1f} img/s, "
                 + ', '.join(f"{n} {v:.4f}" for n, v in m.items() if v is not None))
         log(f"  {task}: interleaved training took {time.perf_counter() - t0:.0f} s")
         mt, mv = (cycle_batches(d, k) for d in (learn.dls.train, learn.dls.valid))
-        for r in range(reps):   # pure steps and inference, alternating sides
-            rep_rows.append(dict(task=task, rep=r, config='baseline', load=os.getloadavg()[0], **base.call('rates', k)))
-            rep_rows.append(dict(task=task, rep=r, config='moonfast', load=os.getloadavg()[0],
-                                 steps_img_s=learner_step_rate(learn, mt), infer_img_s=learner_infer_rate(learn, mv)))
+        for r in range(reps):   # pure steps and inference, alternating sides, between two matmul timings
+            m0 = mark()
+            rb = dict(task=task, rep=r, config='baseline', load=os.getloadavg()[0], **base.call('rates', k))
+            rm = dict(task=task, rep=r, config='moonfast', load=os.getloadavg()[0],
+                      steps_img_s=learner_step_rate(learn, mt), infer_img_s=learner_infer_rate(learn, mv))
+            m1 = mark()
+            rep_rows += [dict(rb, bound_gflops=around(m0, m1, 'fp32')), dict(rm, bound_gflops=around(m0, m1, prec))]
     ops = op_profile(learn, mt); ops.insert(0, 'model', task)
     model = resnet_course(num_classes=spec['n_classes']) if task == 'classifier' else UNet(n_out=1)   # for FLOPs
     return dict(task=task, bs=bs, data=what, epochs=pd.DataFrame(ep_rows), reps=pd.DataFrame(rep_rows), precision=prec,
                 profile_moonfast=pd.DataFrame(prof.rows), profile_baseline=pd.DataFrame(prof_base), ops=ops,
                 flops_train=model_flops(model, size, True), flops_infer=model_flops(model, size, False),
-                lane_ceiling=lane_ceiling(model, size) if resolve_device().type == 'cpu' else None,
+                lane_ceiling=lane_ceiling(model, size) if resolve_device().type == 'cpu' else None, matmul_n=matmul_n,
                 params=sum(p.numel() for p in model.parameters()), train_items=len(learn.dls.train_ds))
 
 # %% ../nbs/20_bench.ipynb #21d4f8f2
 _METRIC = {'classifier': 'accuracy', 'unet': 'dice'}
 
 def summarize(results:list, # `bench_task` results
-              rates:dict, # matmul GFLOP/s per precision, e.g. {'fp32': 170, 'bf16': 400}
+              rates:dict, # matmul GFLOP/s per precision, e.g. {'fp32': 170, 'bf16': 400}, for records timed without one
               info:dict|None=None) -> pd.DataFrame: # `machine_info` (default: this machine's)
-    "The results table: medians per model and side, FLOP bounds, memory, validation metric, CPU class and data"
+    "The results table: medians per model and side, FLOP bounds (from the matmul timed around each record), memory, validation metric, CPU class and data"
     info, rows = info or machine_info(), []
     for r in results:
         ep, rp, met = r['epochs'], r['reps'], _METRIC[r['task']]
@@ -137,15 +149,18 @@ def summarize(results:list, # `bench_task` results
             e = ep[ep.config == cfg].sort_values('epoch')
             steady = e if cfg == 'baseline' or len(e) == 1 else e.iloc[1:]
             prec = 'fp32' if cfg == 'baseline' else r['precision']
-            rate = rates.get(prec, rates['fp32'])*1e9
-            bound_t, bound_i = rate/r['flops_train'], rate/r['flops_infer']
-            q = rp[rp.config == cfg]
+            q, run_rate = rp[rp.config == cfg], rates.get(prec, rates['fp32'])
+            def gf(df):   # each record's matmul GFLOP/s: the one timed around it, else the run's
+                g = df['bound_gflops'] if 'bound_gflops' in df else pd.Series(float('nan'), index=df.index)
+                return g.fillna(run_rate).astype(float)
+            def pct(img_s, df, flops): return _med(100*img_s/(gf(df)*1e9/flops))   # the median of the records' shares
             ep_s, st_s, in_s = _med(steady.img_s), _med(q.steps_img_s), _med(q.infer_img_s)
             rows.append({'model': r['task'], 'pipeline': cfg, 'precision': prec, 'bs': r['bs'],
                          'epoch img/s': ep_s, 'first epoch img/s': float(e.img_s.iloc[0]), 'steps img/s': st_s,
-                         'inference img/s': in_s, 'train GFLOP/img': r['flops_train']/1e9, 'train bound img/s': bound_t,
-                         'epoch % bound': 100*ep_s/bound_t, 'steps % bound': 100*st_s/bound_t,
-                         'inference % bound': 100*in_s/bound_i, 'peak RSS MiB': _med(e.peak_mib),
+                         'inference img/s': in_s, 'train GFLOP/img': r['flops_train']/1e9, 'matmul GFLOP/s': _med(gf(steady)),
+                         'train bound img/s': _med(gf(steady))*1e9/r['flops_train'],
+                         'epoch % bound': pct(steady.img_s, steady, r['flops_train']), 'steps % bound': pct(q.steps_img_s, q, r['flops_train']),
+                         'inference % bound': pct(q.infer_img_s, q, r['flops_infer']), 'peak RSS MiB': _med(e.peak_mib),
                          'RSS rise MiB': _med(e.rise_mib), 'epochs': len(e), 'val metric': f"{met} {float(e[met].iloc[-1]):.4f}",
                          'val loss': float(e.valid_loss.iloc[-1]), 'cpu': info['cpu'], 'threads': info['torch_threads'],
                          'data': r['data'],   # the lane ceiling is of fp32 kernels (bf16 ones pack their lanes otherwise)
@@ -231,12 +246,17 @@ def _run_benchmark(tasks, out, data, precision, epochs, reps, n_batches, size, m
     for t in tasks:
         log(f"== {t}")
         results.append(bench_task(t, data[t], precision=precision, epochs=epochs, reps=reps, n_batches=n_batches, size=size,
-                                  max_per_class=max_per_class if t == 'classifier' else None, log=log, **kwargs))
+                                  max_per_class=max_per_class if t == 'classifier' else None, matmul_n=matmul_n, log=log, **kwargs))
     r1 = rates(); log(f"matmul GFLOP/s: {r1}")
     rate = {p: statistics.median([r0[p], r1[p]]) for p in precs}
     summary, prof = summarize(results, rate, info), profile_table(results)
     rt, tg, ops = ratios(summary), check_targets(summary), pd.concat([r['ops'] for r in results])
+    def spread(r):   # the fp32 matmul rates timed around the task's records (the baseline's are fp32): lowest, highest
+        d = pd.concat([r['epochs'], r['reps']])
+        g = d.loc[d.config == 'baseline', 'bound_gflops'].dropna() if 'bound_gflops' in d else []
+        return [round(float(g.min()), 1), round(float(g.max()), 1)] if len(g) else None
     info.update(matmul_gflops={p: [round(r0[p], 1), round(r1[p], 1)] for p in precs}, load_avg_start=[round(x, 2) for x in load0],
+                matmul_around={r['task']: spread(r) for r in results},
                 load_avg_end=[round(x, 2) for x in os.getloadavg()], seconds=round(time.perf_counter() - t0, 1), precision=prec,
                 data={r['task']: r['data'] for r in results}, epochs=epochs, reps=reps, n_batches=n_batches, size=size, matmul_n=matmul_n)
     ep, rp = pd.concat([r['epochs'] for r in results]), pd.concat([r['reps'] for r in results])
@@ -255,14 +275,17 @@ def report_markdown(summary, rt, tg, prof, info, ops) -> str:
     head = (f"Measured on {info['cpu']}: {info['cores']} cores, torch threads {info['torch_threads']}, device "
             f"{info['device']}; Python {info['python']}, torch {info['torch']}, torchvision {info['torchvision']}, "
             f"fastai {info['fastai']}. moonfast precision: {info['precision']} (the baseline: fp32). Load average at start "
-            f"{info['load_avg_start']}, at end {info['load_avg_end']}. Matmul {info['matmul_n']}² GFLOP/s before/after: {mm}. "
+            f"{info['load_avg_start']}, at end {info['load_avg_end']}. Matmul {info['matmul_n']}² GFLOP/s before/after: {mm}"
+            + ''.join(f"; around {t}'s epochs and repetitions (fp32) {a[0]:.0f}–{a[1]:.0f}" for t, a in info.get('matmul_around', {}).items() if a)
+            + (". Each epoch's and repetition's FLOP bound is from the matmul timed around it. " if any(info.get('matmul_around', {}).values())
+               else ". The FLOP bound is from their median. ") +
             f"{info['epochs']} training epochs per side, {info['reps']} repetitions of {info['n_batches']} batches for "
             f"pure steps and inference; medians. Took {info['seconds']:.0f} s."
             + (" Instruction sets held by the environment: " + ', '.join(f"{k}={v}" for k, v in info['isa_env'].items()) + "."
                if info.get('isa_env') else "") + "\n\n"
             + ''.join(f"- {m} data: {d}\n" for m, d in info['data'].items()) + "\n")
     cols = ['model', 'pipeline', 'precision', 'bs', 'epoch img/s', 'first epoch img/s', 'steps img/s', 'inference img/s',
-            'train bound img/s', 'epoch % bound', 'steps % bound', 'inference % bound', 'peak RSS MiB', 'RSS rise MiB', 'val metric']
+            'matmul GFLOP/s', 'train bound img/s', 'epoch % bound', 'steps % bound', 'inference % bound', 'peak RSS MiB', 'RSS rise MiB', 'val metric']
     notes = [f"- missed: {t['target']}: {t['measured']} against {t['wanted']} ({t['margin %']:+.1f}%); see the op profile below\n"
             for _, t in tg.iterrows() if not t['pass']]
     lc = summary[summary.pipeline == 'moonfast'].dropna(subset=['lane ceiling %'])
