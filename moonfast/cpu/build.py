@@ -88,7 +88,7 @@ def _load(name:str, d:Path):
     if so.exists() and (not rec.exists() or rec.read_text().strip() != file_sha256(so)):
         warnings.warn(f"moonfast: the kernel library {so} does not match the hash recorded when it was built; rebuilding it")
         so.unlink()
-    if not so.exists(): print("moonfast: compiling its CPU kernels for this machine (once, 1–3 minutes)…", file=sys.stderr, flush=True)
+    if not so.exists(): print("moonfast: compiling its CPU kernels for this machine (once, about a minute)…", file=sys.stderr, flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         mod = cpp_extension.load(name, sources=[str(CSRC/f) for f in SOURCES], extra_cflags=_cflags(),

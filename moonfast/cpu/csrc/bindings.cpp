@@ -1,4 +1,5 @@
 // The Python module of moonfast's CPU kernels (built by moonfast.cpu.build with torch.utils.cpp_extension.load).
+#include <torch/python.h>   // pybind11 and its tensor casters (not <torch/extension.h>: the whole C++ frontend besides)
 #include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,7 +1,17 @@
 // moonfast CPU kernels: what every kernel file shares (element access in an accumulation type, pointers, checks).
 #pragma once
-#include <torch/extension.h>
+// ATen's own headers, not <torch/extension.h>: that one (pybind11, the C++ frontend, autograd) takes about 50 s to parse
+// on a 2-core machine, once per file; only bindings.cpp needs it. These take about 5.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/TensorIndexing.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/accumulate.h>
 #include <algorithm>
 #include <cmath>
 #include <cstring>

@@ -1,7 +1,8 @@
 // The functions moonfast's CPU extension exposes to Python (bound in bindings.cpp). Each takes and returns CPU tensors;
 // "channels-last" means a 4-d tensor whose memory is N, H, W, C. Shapes and dtypes are checked with TORCH_CHECK.
 #pragma once
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <optional>
 #include <vector>
 
 // maxpool.cpp: stride-1 k×k max pool with padding p; forward returns (y, window positions as uint8)
