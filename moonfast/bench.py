@@ -59,6 +59,10 @@ def _task_setup(task, path, size, bs, seed, max_per_class, num_workers, valid_pc
                 state={k: v.detach().clone().contiguous() for k, v in learn.model.state_dict().items()}, **extra)
     return learn, spec
 
+def _matmul_rates(n, precs):
+    "The machine's matmul GFLOP/s now at each precision in `precs` (fp32 first: the baseline's)"
+    return {p: matmul_gflops(n, p, device=resolve_device()) for p in dict.fromkeys(precs)}
+
 def _med(xs):
     xs = [x for x in xs if x is not None and x == x]
     return float(statistics.median(xs)) if xs else None
@@ -91,8 +95,7 @@ def bench_task(task:str, # 'classifier' or 'unet'
     set_seed(seed, reproducible=False)
     learn, spec = _task_setup(task, path, size, bs, seed, max_per_class, num_workers, valid_pct, precision)
     ep_rows, prof_base, rep_rows, k = [], [], [], n_batches + 1   # a small set has fewer batches: they are then reused
-    def mark():   # the machine's matmul rate now, at fp32 (the baseline's) and at moonfast's precision
-        return {p: matmul_gflops(matmul_n, p, device=resolve_device()) for p in dict.fromkeys(('fp32', prec))} if matmul_n else {}
+    def mark(): return _matmul_rates(matmul_n, ('fp32', prec)) if matmul_n else {}
     def around(a, b, p): return (a[p] + b[p])/2 if matmul_n else None
     marks = [mark()]   # marks[2e], marks[2e+1] surround moonfast's epoch e; marks[2e+1], marks[2e+2] the baseline's
     with BaselineProcess(spec, lr=base_lr) as base:
@@ -154,11 +157,12 @@ def summarize(results:list, # `bench_task` results
                 g = df['bound_gflops'] if 'bound_gflops' in df else pd.Series(float('nan'), index=df.index)
                 return g.fillna(run_rate).astype(float)
             def pct(img_s, df, flops): return _med(100*img_s/(gf(df)*1e9/flops))   # the median of the records' shares
+            mm = _med(gf(steady))
             ep_s, st_s, in_s = _med(steady.img_s), _med(q.steps_img_s), _med(q.infer_img_s)
             rows.append({'model': r['task'], 'pipeline': cfg, 'precision': prec, 'bs': r['bs'],
                          'epoch img/s': ep_s, 'first epoch img/s': float(e.img_s.iloc[0]), 'steps img/s': st_s,
-                         'inference img/s': in_s, 'train GFLOP/img': r['flops_train']/1e9, 'matmul GFLOP/s': _med(gf(steady)),
-                         'train bound img/s': _med(gf(steady))*1e9/r['flops_train'],
+                         'inference img/s': in_s, 'train GFLOP/img': r['flops_train']/1e9, 'matmul GFLOP/s': mm,
+                         'train bound img/s': mm*1e9/r['flops_train'],
                          'epoch % bound': pct(steady.img_s, steady, r['flops_train']), 'steps % bound': pct(q.steps_img_s, q, r['flops_train']),
                          'inference % bound': pct(q.infer_img_s, q, r['flops_infer']), 'peak RSS MiB': _med(e.peak_mib),
                          'RSS rise MiB': _med(e.rise_mib), 'epochs': len(e), 'val metric': f"{met} {float(e[met].iloc[-1]):.4f}",
@@ -240,7 +244,7 @@ def run_benchmark(tasks=TASKS, # which models: 'classifier', 'unet'
 def _run_benchmark(tasks, out, data, precision, epochs, reps, n_batches, size, max_per_class, matmul_n, log, **kwargs):
     info, load0, prec = machine_info(), os.getloadavg(), resolve_precision(precision)
     precs = ['fp32'] + ([prec] if prec != 'fp32' else [])
-    def rates(): return {p: matmul_gflops(matmul_n, p, device=resolve_device()) for p in precs}
+    def rates(): return _matmul_rates(matmul_n, precs)
     r0 = rates(); log(f"{info['cpu']}, torch threads {info['torch_threads']}; matmul GFLOP/s: {r0}, load {load0[0]:.2f}")
     results, t0 = [], time.perf_counter()
     for t in tasks:

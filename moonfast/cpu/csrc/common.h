@@ -1,7 +1,8 @@
 // moonfast CPU kernels: what every kernel file shares (element access in an accumulation type, pointers, checks).
 #pragma once
 // ATen's own headers, not <torch/extension.h>: that one (pybind11, the C++ frontend, autograd) takes about 50 s to parse
-// on a 2-core machine, once per file; only bindings.cpp needs it. These take about 5.
+// on a 2-core machine, once per file. These take about 5; bindings.cpp, the one file that talks to Python, includes
+// <torch/python.h> (pybind11 and its tensor casters).
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
