@@ -9,7 +9,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['DataError', 'project_root', 'data_path', 'models_path', 'data_dirs', 'find_data', 'size_hw', 'atomic_write',
-           'file_sha256', 'RunLock', 'to_markdown']
+           'file_sha256', 'RunLock', 'to_markdown', 'nbdev_test_workers', 'share_cores_in_test_worker']
 
 # %% ../nbs/00_core.ipynb #4f2d1e0c
 class DataError(ValueError):
@@ -132,3 +132,38 @@ def to_markdown(df) -> str: # a pandas DataFrame
     lines = ['| ' + ' | '.join(map(str, cols)) + ' |', '|' + '|'.join('---' for _ in cols) + '|']
     lines += ['| ' + ' | '.join(str(v) for v in row) + ' |' for row in df.itertuples(index=False)]
     return '\n'.join(lines) + '\n'
+
+# %% ../nbs/00_core.ipynb #7110cc6f
+def _cores() -> int:
+    "The cores this process may run on"
+    try: return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError): return os.cpu_count() or 1
+
+def nbdev_test_workers(parent_cmdline:str|None=None) -> int|None: # the parent's command line, NUL-separated (default: read it from /proc)
+    "How many notebooks `nbdev_test` runs at once, if this process is one of its workers; else None"
+    if parent_cmdline is None:
+        if not os.environ.get('IN_TEST'): return None
+        try: parent_cmdline = Path(f'/proc/{os.getppid()}/cmdline').read_bytes().decode(errors='replace')
+        except OSError: return None
+    args = parent_cmdline.split('\0')
+    if not any(Path(a).name == 'nbdev_test' for a in args[:2]): return None
+    n = None
+    for a, nxt in zip(args, args[1:] + ['']):
+        if a == '--n_workers': n = nxt
+        elif a.startswith('--n_workers='): n = a.split('=', 1)[1]
+    try: n = min(_cores(), 8) if n is None else int(n)   # nbdev_test's own default
+    except ValueError: return None
+    return n if n > 0 else None    # 0: nbdev_test runs the notebooks in its own process
+
+def share_cores_in_test_worker(workers:int|None=None) -> int|None: # default: `nbdev_test_workers()`
+    "In a worker of `nbdev_test`, give torch (and the processes the tests start) this worker's share of the cores; returns the thread count set, else None"
+    if 'OMP_NUM_THREADS' in os.environ: return None     # the user's own choice, or already shared
+    workers = workers or nbdev_test_workers()
+    if not workers: return None
+    try: import torch
+    except ImportError: return None                    # moonfast.deploy's torch-free use
+    n = max(1, _cores() // workers)
+    torch.set_num_threads(n); os.environ['OMP_NUM_THREADS'] = str(n)
+    return n
+
+_ = share_cores_in_test_worker()
