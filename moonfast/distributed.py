@@ -10,7 +10,7 @@ import numpy as np, torch, torch.nn as nn, torch.distributed as dist
 from fastai.basics import *
 from fastai.callback.progress import ProgressCallback
 from fastai.distributed import DistributedDL, DistributedTrainer
-from .core import DataError
+from .core import DataError, _cores
 from .cpu.norm import FastBatchNorm2d, FusedReLU
 from .cpu.speedups import speed_up, FastBasicBlock, FastUpBlock
 
@@ -47,7 +47,7 @@ def split_threads(local_world_size:int=None, # processes on this machine (defaul
                   cores:int=None): # cores to share (default: the cores this process may run on)
     "Give this process its share of the cores: `torch.set_num_threads(cores // local_world_size)`; returns the count"
     lws = local_world_size or distrib_info()['local_world_size']
-    if cores is None: cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    if cores is None: cores = _cores()   # the count nbdev_test's workers share out too (`moonfast.core`)
     n = max(1, cores // max(1, lws))
     torch.set_num_threads(n)
     os.environ['OMP_NUM_THREADS'] = str(n)   # for OpenMP runtimes that start later (e.g. in data-loading workers)
