@@ -209,17 +209,26 @@ class RunProgress:
     def __init__(self, t_start, predicted, log, budget:float=None,
                  epochs:int=None, # epochs each run trains: the bar moves after each (None: it moves run by run)
                  live:bool=None, # draw the bar in place, as HTML (None: in a notebook; a console gets a line an epoch)
-                 handle=None): # the notebook display to draw into (a re-planned comparison's: it goes on in one bar)
+                 handle=None, # the notebook display to draw into (a re-planned comparison's: it goes on in one bar)
+                 keys=None): # each run's configuration: a run's ETA follows its configuration's finished runs (None: all alike)
         self.t_start, self.pred, self.log, self.budget, self.epochs = t_start, list(predicted), log, budget, epochs
-        self.done_pred, self.done_s, self.n_done = 0., 0., 0
+        self.keys = [None]*len(self.pred) if keys is None else list(keys)
+        if len(self.keys) != len(self.pred): raise DataError(f"keys: {len(self.keys)} given for {len(self.pred)} runs; expected one per run")
+        self.done_pred, self.done_s, self.n_done, self.by_key = 0., 0., 0, {}   # by_key: key -> [seconds taken, predicted]
         self.live, self.handle = (IN_NOTEBOOK if live is None else live), handle
     def _frac(self, e) -> float: return min(e/self.epochs, 1.) if self.epochs else 0.
     def left(self, k, e=0) -> float|None:
         "Predicted seconds from epoch `e` of run `k` on (None: not known yet)"
         if not any(self.pred):  # no prediction (no budget): the mean of the runs trained so far
             return self.done_s/self.n_done*(len(self.pred) - k - self._frac(e)) if self.n_done else None
-        scale = self.done_s/self.done_pred if self.done_pred else 1.  # how the plan has held so far
-        return (sum(self.pred[k:]) - self._frac(e)*self.pred[k])*scale
+        return sum((p - (self._frac(e)*p if j == k else 0.))*self.scale(j) for j, p in enumerate(self.pred[k:], k))
+    def scale(self, j) -> float:
+        "How run `j`'s prediction is scaled: as its configuration's finished runs held to theirs; a configuration not run yet, as all finished runs did, with the plan counted as one more run that held"
+        s, p = self.by_key.get(self.keys[j], (0., 0.))
+        if p > 0: return s/p
+        if not self.done_pred: return 1.
+        m = sum(self.pred)/len(self.pred)   # one run's weight for the plan itself: one run tells little about another architecture
+        return (self.done_s + m)/(self.done_pred + m)
     def eta(self, k, e=0) -> str:
         s = self.left(k, e)
         return '?' if s is None else fmt_seconds(s)
@@ -253,7 +262,8 @@ class RunProgress:
         self.t0 = time.time()
     def end(self, k, trained:bool):
         if not trained: return
-        self.done_s += time.time() - self.t0; self.done_pred += self.pred[k]; self.n_done += 1
+        s = time.time() - self.t0; self.done_s += s; self.done_pred += self.pred[k]; self.n_done += 1
+        a = self.by_key.setdefault(self.keys[k], [0., 0.]); a[0] += s; a[1] += self.pred[k]
     def callback(self, k) -> Callback:
         "A fastai callback for run `k`'s learner that shows the bar after each of its epochs (all phases counted)"
         return _EpochBar(self, k)

@@ -595,7 +595,8 @@ def compare(data=None, # segmentation dataset folder (default: the generated set
         log(f"plan: {plan_text(plan)}"); log(f"writing to {out_k}" + (f", shard {i_sh}/{n_sh}" if n_sh > 1 else ""))
         todo = shard_runs(cfgs, S, shard)
         prog = RunProgress(t_start, [run_seconds(costs[c['name']], E, plan['images_per_epoch'], nv, freeze_epochs) if budget else 0.
-                                     for _, c in todo], log, budget, epochs=E, live=live, handle=prog and prog.handle)
+                                     for _, c in todo], log, budget, epochs=E, live=live, handle=prog and prog.handle,
+                           keys=[c['name'] for _, c in todo])
         check = None
         if budget is not None and fresh and len(replans) < REPLAN_MAX:   # a new budgeted comparison: its first epoch is checked
             cfg0 = todo[0][1]
