@@ -210,6 +210,7 @@ def plot_comparison(histories:dict, # name -> list of history DataFrames (one pe
                     metric:str='dice'):
     "Validation loss and `metric` per epoch for every configuration: mean over seeds, band ± one std"
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, axs = plt.subplots(1, 2, figsize=(12, 4))
     for name, hs in histories.items():
         for ax, col in zip(axs, ('valid_loss', metric)):
@@ -218,7 +219,7 @@ def plot_comparison(histories:dict, # name -> list of history DataFrames (one pe
             ax.plot(x, m.mean(0), marker='.', label=name)
             if len(hs) > 1: ax.fill_between(x, m.mean(0) - m.std(0), m.mean(0) + m.std(0), alpha=.15)
     for ax, t in zip(axs, ('validation loss', f'validation {metric}')):
-        ax.set_xlabel('epoch'); ax.set_title(t); ax.grid(alpha=.3)
+        ax.set_xlabel('epoch'); ax.xaxis.set_major_locator(MaxNLocator(integer=True)); ax.set_title(t); ax.grid(alpha=.3)
     axs[1].legend(fontsize=8)
     fig.tight_layout()
     if fname is not None: atomic_write(Path(fname), lambda p: fig.savefig(p, dpi=90, format='png'))
@@ -344,12 +345,13 @@ def plot_paired_curves(curves:dict, # label -> a `paired_curves` DataFrame
                        metric:str='Dice'): # what the curves are differences of (the axis label)
     "The difference curves on one axis: mean over seeds, band ± one std, and the zero line (above it, the first is ahead)"
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(8, 4))
     for lab, c in curves.items():
         ax.plot(c['epoch'], c['mean'], marker='.', label=lab)
         if (c['seeds'] > 1).all(): ax.fill_between(c['epoch'], c['mean'] - c['std'], c['mean'] + c['std'], alpha=.15)
     ax.axhline(0, color='k', lw=.8)
-    ax.set_xlabel('epoch'); ax.set_ylabel(f'validation {metric} difference'); ax.grid(alpha=.3); ax.legend(fontsize=8)
+    ax.set_xlabel('epoch'); ax.xaxis.set_major_locator(MaxNLocator(integer=True)); ax.set_ylabel(f'validation {metric} difference'); ax.grid(alpha=.3); ax.legend(fontsize=8)
     ax.set_title(f'{metric} of the first minus the second, same seed (mean over seeds ± std)')
     fig.tight_layout()
     if fname is not None: atomic_write(Path(fname), lambda p: fig.savefig(p, dpi=90, format='png'))

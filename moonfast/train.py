@@ -376,6 +376,7 @@ def plot_history(history, # list of rows (dicts) or a DataFrame or a history.csv
                  title:str=None): # the figure's title
     "Plot losses and metrics per epoch of a run; returns the figure"
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     df = pd.read_csv(history) if isinstance(history, (str, Path)) else pd.DataFrame(history)
     skip = {'epoch', 'phase', 'phase_epoch', 'seconds', 'train_loss', 'valid_loss'}
     metrics = [c for c in df.columns if c not in skip] if metrics is None else list(L(metrics))
@@ -386,7 +387,7 @@ def plot_history(history, # list of rows (dicts) or a DataFrame or a history.csv
     for c in metrics: axs[1].plot(df['epoch'] + 1, df[c], marker='.', label=c)
     if 'phase' in df and df['phase'].nunique() > 1:
         for ax in axs: ax.axvline((df['phase'] != df['phase'].iloc[0]).idxmax() + 0.5, color='grey', ls=':', lw=1)
-    for ax, t in zip(axs, ('loss', 'metrics')): ax.set_xlabel('epoch'); ax.set_title(t); ax.legend(); ax.grid(alpha=.3)
+    for ax, t in zip(axs, ('loss', 'metrics')): ax.set_xlabel('epoch'); ax.xaxis.set_major_locator(MaxNLocator(integer=True)); ax.set_title(t); ax.legend(); ax.grid(alpha=.3)
     if title: fig.suptitle(title)
     fig.tight_layout()
     if fname is not None: atomic_write(Path(fname), lambda p: fig.savefig(p, dpi=90, format='png'))
