@@ -19,11 +19,24 @@ typedef float vf __attribute__((vector_size(V * 4)));
 typedef float vfu __attribute__((vector_size(V * 4), aligned(4)));
 static inline vf ldu(const float* p) { return *(const vfu*)p; }
 static inline void stu(float* p, vf v) { *(vfu*)p = v; }
+// Keep v in a register here. Without it GCC folds a load into every FMA that uses it (a value used 3 times is read 3
+// times: the weight-gradient loop then waits on loads, not on arithmetic), and in the forward tile it kept accumulators
+// on the stack. On a Zen 3 EPYC (AVX2) the pins made the weight gradient of the U-Net's 18-72-channel layers about
+// 1.5-2× and its forward tile about 1.25× faster.
+static inline void pin(vf& v) {
+#if defined(__AVX512F__)
+  asm("" : "+v"(v));   // any of the 32 registers ("x" would allow only the first 16)
+#elif defined(__AVX__)
+  asm("" : "+x"(v));
+#endif
+}
+constexpr int NREG = V == 16 ? 32 : 16;   // vector registers
 constexpr int64_t PADL = V;   // zero columns left of a plane row: one whole vector
 constexpr int OBF = 6;        // output channels a forward tile computes
 // vector registers: 32 with AVX-512, 16 with AVX2: tiles of 6 channels × 4 vectors (forward) and 4 × 2 channels × 3 taps
-// (weight gradient) with AVX-512, 6 × 2 and 3 × 1 × 3 with AVX2, so the accumulators stay in registers
-constexpr int WBF = V == 16 ? 4 : 2, WOB = V == 16 ? 4 : 3, WCB = V == 16 ? 2 : 1;
+// (weight gradient) with AVX-512, 6 × 2 and 4 × 1 × 3 with AVX2, so the accumulators stay in registers (the AVX2
+// weight-gradient tile: 12 accumulators, 3 input vectors and 1 gradient vector, all 16 registers, held there by `pin`)
+constexpr int WBF = V == 16 ? 4 : 2, WOB = 4, WCB = V == 16 ? 2 : 1;
 static inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
 
 int64_t conv3_lanes() { return V; }
@@ -116,10 +129,16 @@ static inline void fwd_tile(const float* __restrict__ xb, int64_t C, int64_t PS,
     for (int kh = 0; kh < 3; ++kh) {
       const float* xr = xb + c * PS + off[kh] + PADL + w0 - 1;
       const float* wk = wp + (c * 3 + kh) * 3 * OBF;
+      // With AVX2 (16 registers), unrolled, GCC hoisted the three taps' loads and kept accumulators on the stack: one tap
+      // at a time, pinned. With AVX-512 it keeps all 24 in registers unaided, and pinning there made it spill them.
+#if !defined(__AVX512F__)
+#pragma GCC unroll 1
+#endif
       for (int kw = 0; kw < 3; ++kw) {
         vf xv[WB];
-        for (int v = 0; v < WB; ++v) xv[v] = ldu(xr + v * V + kw);
+        for (int v = 0; v < WB; ++v) { xv[v] = ldu(xr + v * V + kw); if (V == 8) pin(xv[v]); }
         for (int o = 0; o < OBF; ++o) { const float s = wk[kw * OBF + o]; for (int v = 0; v < WB; ++v) acc[o][v] += xv[v] * s; }
+        if (V == 8) for (int o = 0; o < OBF; ++o) for (int v = 0; v < WB; ++v) pin(acc[o][v]);
       }
     }
   for (int o = 0; o < OBF; ++o) for (int v = 0; v < WB; ++v) stu(out + o * ldo + w0 + v * V, acc[o][v]);
@@ -253,9 +272,10 @@ static inline void wgrad_tile(const float* __restrict__ xr, int64_t xs, const fl
     const float* x = xr + i * LD; const float* g = gr + i * LD;
     for (int64_t w0 = 0; w0 < Wv; w0 += V) {
       vf xv[CB][3];
-      for (int c = 0; c < CB; ++c) for (int k = 0; k < 3; ++k) xv[c][k] = ldu(x + c * xs + w0 + k - 1);
+      for (int c = 0; c < CB; ++c) for (int k = 0; k < 3; ++k) { xv[c][k] = ldu(x + c * xs + w0 + k - 1); pin(xv[c][k]); }
       for (int o = 0; o < OB; ++o) {
-        const vf gg = ldu(g + o * gs + w0);
+        vf gg = ldu(g + o * gs + w0);
+        pin(gg);
         for (int c = 0; c < CB; ++c) for (int k = 0; k < 3; ++k) acc[o][c][k] += gg * xv[c][k];
       }
     }
@@ -296,11 +316,14 @@ std::vector<at::Tensor> conv3_backward_weight(const at::Tensor& dy, const at::Te
       const int64_t n = t / nblk, h0 = (t % nblk) * RB, h1 = std::min(H, h0 + RB), RR = h1 - h0, R = RR + 2;
       for (int64_t i = 0; i < R; ++i) load_row(xp + n * H * W * C, H, W, C, h0 - 1 + i, xb.data() + i * LD, R * LD, LD);
       for (int64_t i = 0; i < RR; ++i) load_row(gp + n * H * W * O, H, W, O, h0 + i, gb.data() + i * LD, RR * LD, LD);
+      // blocks of WOB = 4 channels, the last ones of 3 where that leaves no remainder (18 = 4·3 + 3·2)
+      const int64_t n3 = std::min<int64_t>((4 - O % 4) % 4, O / 3);
       int64_t o = 0;
-      for (; o + WOB <= O; o += WOB) wgrad_block<WOB>(xb.data(), C, R, gb.data() + o * RR * LD, RR, LD, Wv, part + o * ps, ps);
+      for (; o + WOB <= O - 3 * n3; o += WOB) wgrad_block<WOB>(xb.data(), C, R, gb.data() + o * RR * LD, RR, LD, Wv, part + o * ps, ps);
+      for (int64_t j = 0; j < n3; ++j, o += 3) wgrad_block<3>(xb.data(), C, R, gb.data() + o * RR * LD, RR, LD, Wv, part + o * ps, ps);
       const float* go = gb.data() + o * RR * LD; float* po = part + o * ps;
       switch (O - o) {
-        case 3: if (WOB > 3) wgrad_block<3>(xb.data(), C, R, go, RR, LD, Wv, po, ps); break;
+        case 3: wgrad_block<3>(xb.data(), C, R, go, RR, LD, Wv, po, ps); break;
         case 2: wgrad_block<2>(xb.data(), C, R, go, RR, LD, Wv, po, ps); break;
         case 1: wgrad_block<1>(xb.data(), C, R, go, RR, LD, Wv, po, ps); break;
         default: break;
@@ -426,10 +449,11 @@ static inline void wgrad2_tile(const float* __restrict__ xr, int64_t xs, int64_t
     const float* x = xr + 2 * i * xs; const float* g = gr + i * LD;
     for (int64_t w0 = 0; w0 < Wv; w0 += V) {
       vf gg[OB];
-      for (int o = 0; o < OB; ++o) gg[o] = ldu(g + o * gs + w0);
+      for (int o = 0; o < OB; ++o) { gg[o] = ldu(g + o * gs + w0); pin(gg[o]); }
 #pragma GCC unroll 7
       for (int k = 0; k < K; ++k) {
-        const vf xv = ldu(x + tap_phase<K>(k) * LD + tap_shift<K>(k) + w0);
+        vf xv = ldu(x + tap_phase<K>(k) * LD + tap_shift<K>(k) + w0);
+        if (OB * K + OB + 1 <= NREG) pin(xv);   // else no register is left for it: read from memory by each FMA
         for (int o = 0; o < OB; ++o) acc[o][k] += gg[o] * xv;
       }
     }
