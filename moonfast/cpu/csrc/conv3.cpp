@@ -21,8 +21,8 @@ static inline vf ldu(const float* p) { return *(const vfu*)p; }
 static inline void stu(float* p, vf v) { *(vfu*)p = v; }
 // Keep v in a register here. Without it GCC folds a load into every FMA that uses it (a value used 3 times is read 3
 // times: the weight-gradient loop then waits on loads, not on arithmetic), and in the forward tile it kept accumulators
-// on the stack. On a Zen 3 EPYC (AVX2) the pins made the weight gradient of the U-Net's 18-72-channel layers about
-// 1.5-2× and its forward tile about 1.25× faster.
+// on the stack. On a Zen 3 EPYC (AVX2), with the pins (and the 4-channel tile below) the weight gradient of the U-Net's
+// 18-72-channel layers ran 1.4-1.65× and its forward tile about 1.3× faster (nbs/13b_cpu_conv.ipynb).
 static inline void pin(vf& v) {
 #if defined(__AVX512F__)
   asm("" : "+v"(v));   // any of the 32 registers ("x" would allow only the first 16)
