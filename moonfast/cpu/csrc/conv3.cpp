@@ -322,8 +322,7 @@ std::vector<at::Tensor> conv3_backward_weight(const at::Tensor& dy, const at::Te
       for (; o + WOB <= O - 3 * n3; o += WOB) wgrad_block<WOB>(xb.data(), C, R, gb.data() + o * RR * LD, RR, LD, Wv, part + o * ps, ps);
       for (int64_t j = 0; j < n3; ++j, o += 3) wgrad_block<3>(xb.data(), C, R, gb.data() + o * RR * LD, RR, LD, Wv, part + o * ps, ps);
       const float* go = gb.data() + o * RR * LD; float* po = part + o * ps;
-      switch (O - o) {
-        case 3: wgrad_block<3>(xb.data(), C, R, go, RR, LD, Wv, po, ps); break;
+      switch (O - o) {   // left over: 2 channels (O = 2 or 5) or 1 (O = 1)
         case 2: wgrad_block<2>(xb.data(), C, R, go, RR, LD, Wv, po, ps); break;
         case 1: wgrad_block<1>(xb.data(), C, R, go, RR, LD, Wv, po, ps); break;
         default: break;
