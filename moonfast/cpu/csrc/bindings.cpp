@@ -25,5 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv3_backward_weight", &conv3_backward_weight, "its weight and bias gradients");
   m.def("convs2_forward", &convs2_forward, "K×K conv (K = 3, 5, 7), stride 2, padding K/2: output (channels-last)");
   m.def("convs2_backward_weight", &convs2_backward_weight, "its weight and bias gradients");
+  m.def("conv3_bf16_available", &conv3_bf16_available, "whether this build has the AVX-512 BF16 kernels");
+  m.def("conv3_bf16_backward_weight", &conv3_bf16_backward_weight, "3×3 conv weight and bias gradients (fp32) of bf16 tensors");
   m.def("affine_grid", &affine_grid, "sampling grid of (N, 3, 3) maps");
 }

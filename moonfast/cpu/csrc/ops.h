@@ -44,6 +44,9 @@ std::vector<at::Tensor> conv3_backward_weight(const at::Tensor& dy, const at::Te
 // and the K×K one (K = 3, 5, 7) with stride 2 and padding K/2: output and weight (+ bias) gradients
 at::Tensor convs2_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 std::vector<at::Tensor> convs2_backward_weight(const at::Tensor& dy, const at::Tensor& x, int64_t K, bool bias);
+// conv3_bf16.cpp: the 3×3 stride-1 convolution's weight (and bias) gradient (fp32) from bf16 channels-last tensors, AVX-512 BF16 only
+bool conv3_bf16_available();
+std::vector<at::Tensor> conv3_bf16_backward_weight(const at::Tensor& dy, const at::Tensor& x, bool bias);
 
 // affine_grid.cpp: the sampling grid of a batch of 3×3 (affine or perspective) maps
 at::Tensor affine_grid(const at::Tensor& m, const at::Tensor& us, const at::Tensor& vs);
