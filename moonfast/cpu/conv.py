@@ -31,11 +31,16 @@ def _exporting() -> bool:
     onnx = getattr(torch, 'onnx', None)
     return torch.jit.is_tracing() or torch.jit.is_scripting() or bool(onnx and onnx.is_in_onnx_export())
 
-def conv3x3_supported(x:Tensor, weight:Tensor, stride=1, padding=1, dilation=1, groups=1, padding_mode:str='zeros') -> bool:
-    "Whether moonfast's kernel may compute `F.conv2d(x, weight, …)`: 3×3, stride 1, padding 1, float32 CPU input in channels-last memory, not under autocast or export, `MOONFAST_CONV` not 'off'"
+def _is_3x3_s1(x, weight, stride, padding, dilation, groups, padding_mode) -> bool:
+    "Whether `F.conv2d(x, weight, …)` is a 3×3, stride-1, padding-1 convolution of a 4-d `x` that the kernels take"
     return (_pair(stride) == (1, 1) and _pair(padding) == (1, 1) and _pair(dilation) == (1, 1) and groups == 1
             and padding_mode == 'zeros' and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and x.dim() == 4
-            and x.shape[1] == weight.shape[1] and x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32
+            and x.shape[1] == weight.shape[1])
+
+def conv3x3_supported(x:Tensor, weight:Tensor, stride=1, padding=1, dilation=1, groups=1, padding_mode:str='zeros') -> bool:
+    "Whether moonfast's kernel may compute `F.conv2d(x, weight, …)`: 3×3, stride 1, padding 1, float32 CPU input in channels-last memory, not under autocast or export, `MOONFAST_CONV` not 'off'"
+    return (_is_3x3_s1(x, weight, stride, padding, dilation, groups, padding_mode)
+            and x.device.type == 'cpu' and x.dtype == weight.dtype == torch.float32
             and x.is_contiguous(memory_format=torch.channels_last) and not torch.is_autocast_enabled('cpu') and not _exporting()
             and conv_mode() != 'off' and cpu_ext() is not None)
 
@@ -60,9 +65,7 @@ BF16_MAX_CHANNELS, BF16_MIN_PIXELS = 36, 64 * 64
 def conv3x3_bf16_supported(x:Tensor, weight:Tensor, stride=1, padding=1, dilation=1, groups=1, padding_mode:str='zeros') -> bool:
     "Whether moonfast's AVX-512 BF16 kernel may compute the weight gradient of `F.conv2d(x, weight, …)` under CPU bf16 autocast: 3×3, stride 1, padding 1, a float32 or bf16 CPU input in channels-last memory with at most `BF16_MAX_CHANNELS` channels and `BF16_MIN_PIXELS` pixels or more, a weight that needs its gradient, a build with AVX-512 BF16, `MOONFAST_CONV` not 'off'"
     if not (torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16): return False
-    ok = (_pair(stride) == (1, 1) and _pair(padding) == (1, 1) and _pair(dilation) == (1, 1) and groups == 1
-          and padding_mode == 'zeros' and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and x.dim() == 4
-          and x.shape[1] == weight.shape[1] and x.shape[1] <= BF16_MAX_CHANNELS and x.shape[2] * x.shape[3] >= BF16_MIN_PIXELS
+    ok = (_is_3x3_s1(x, weight, stride, padding, dilation, groups, padding_mode) and x.shape[1] <= BF16_MAX_CHANNELS and x.shape[2] * x.shape[3] >= BF16_MIN_PIXELS
           and x.device.type == 'cpu' and weight.device.type == 'cpu'
           and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype in (torch.float32, torch.bfloat16)
           and torch.is_grad_enabled() and weight.requires_grad
@@ -190,14 +193,15 @@ class _Conv3x3BF16(torch.autograd.Function):
         ext, (xt, wt, bt) = cpu_ext(), ctx.dtypes
         dy = dy.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
         need_x, need_w, need_b = ctx.needs_input_grad
+        need_b = bool(need_b)
         onednn = lambda mask: torch.ops.aten.convolution_backward(dy, xb, wb, [wb.shape[0]] if bt else None, (1, 1), (1, 1),
                                                                   (1, 1), False, (0, 0), 1, mask)
         def ours():
             dx = onednn([True, False, False])[0] if need_x else None
-            return (dx, *ext.conv3_bf16_backward_weight(dy, xb, bool(need_b)))
-        if need_w and _use_kernel(('weight bf16' + ('' if need_x else ', no input grad'),) + ctx.key, ours, lambda: onednn([need_x, True, bool(need_b)])):
+            return (dx, *ext.conv3_bf16_backward_weight(dy, xb, need_b))
+        if need_w and _use_kernel(('weight bf16' + ('' if need_x else ', no input grad'),) + ctx.key, ours, lambda: onednn([need_x, True, need_b])):
             dx, dw, db = ours()
-        else: dx, dw, db = onednn([need_x, need_w, bool(need_b)])
+        else: dx, dw, db = onednn([need_x, need_w, need_b])
         cast = lambda g, need, dt: g.to(dt) if need and g is not None else None
         return cast(dx, need_x, xt), cast(dw, need_w, wt), cast(db, need_b, bt)
 

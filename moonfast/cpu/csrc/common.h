@@ -40,6 +40,9 @@ template <typename T> static typename Elt<T>::S* ptr(const at::Tensor& t) {
   return reinterpret_cast<typename Elt<T>::S*>(t.data_ptr());
 }
 
+// a rounded up to a multiple of m
+static inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
+
 // Per-column sums in A over blocks of rows, flushed into double, so long reductions keep their digits.
 constexpr int64_t FLUSH = 64;
 

@@ -37,7 +37,6 @@ constexpr int OBF = 6;        // output channels a forward tile computes
 // (weight gradient) with AVX-512, 6 × 2 and 4 × 1 × 3 with AVX2, so the accumulators stay in registers (the AVX2
 // weight-gradient tile: 12 accumulators, 3 input vectors and 1 gradient vector, all 16 registers, held there by `pin`)
 constexpr int WBF = V == 16 ? 4 : 2, WOB = 4, WCB = V == 16 ? 2 : 1;
-static inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
 
 int64_t conv3_lanes() { return V; }
 

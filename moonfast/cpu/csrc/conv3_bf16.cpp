@@ -22,8 +22,6 @@ bool conv3_bf16_available() {
 }
 
 #if defined(__AVX512BF16__)
-static inline int64_t rup32(int64_t a) { return (a + 31) / 32 * 32; }
-
 // channels-last [N, C, H, W] bf16 -> [N][C][S + Lp + S] planes: pixel (y, x) at S + (y + 1)(W + 2) + x + 1, zeros elsewhere
 static at::Tensor to_planes(const at::Tensor& x, int64_t S, int64_t Lp) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), W2 = W + 2, R = S + Lp + S;
@@ -73,7 +71,7 @@ std::vector<at::Tensor> conv3_bf16_backward_weight(const at::Tensor& dy, const a
               "moonfast kernels: conv3_bf16_backward_weight: dy must be x's batch and image size");
 #if defined(__AVX512BF16__)
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Co = dy.size(1), W2 = W + 2;
-  const int64_t Lp = rup32((H + 2) * W2), S = rup32(W + 3), R = S + Lp + S;   // the slack covers every tap's offset
+  const int64_t Lp = round_up((H + 2) * W2, 32), S = round_up(W + 3, 32), R = S + Lp + S;   // the slack covers every tap's offset
   auto xp = to_planes(x, S, Lp);
   auto gp = to_planes(dy, 0, Lp);
   const uint16_t* X = reinterpret_cast<const uint16_t*>(xp.data_ptr());
