@@ -21,52 +21,58 @@ def _base_grid(h, w, align_corners, device):
     return torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, h*w, 3)
 
 class FastAffineCoordTfm(AffineCoordTfm):
-    "fastai's `AffineCoordTfm` with the affine matrix and warp composed into one grid product (same results, faster on CPU)"
+    "fastai's `AffineCoordTfm` with the affine matrix and warp composed into one map, resampled in one pass on the CPU (same results, faster)"
     _grids = {}
-    kernels = True   # build the grid with moonfast's compiled kernel on the CPU where it is built (`moonfast.cpu.build`)
+    kernels = True   # use moonfast's compiled kernels on the CPU where they are built (`moonfast.cpu.build`)
     def _fast(self, x): return isinstance(x, (TensorImage, TensorMask)) and all(isinstance(f, _WarpCoord) for f in self.coord_fs)
 
-    def _coords(self, x, size):
+    def _map(self, x, size):
+        "The batch's (n, 3, 3) maps from output to input coordinates, the base grid, and the kernels (or None)"
         n, (h, w) = x.shape[0], size
         mat = self.mat.as_subclass(Tensor).float()
         m = torch.cat([mat, mat.new_tensor([[[0., 0., 1.]]]).expand(n, 1, 3)], 1)
-        warp = len(self.coord_fs) > 0 and not self.split_idx
-        if warp:
-            for f in self.coord_fs:
-                # on plain tensors: the same solve, without fastai's subclass dispatch on its ~40 small ops (0.8 → 0.3 ms a batch of 128, Xeon with AMX)
-                c = find_coeffs(f.orig_pts.as_subclass(Tensor), f.targ_pts.as_subclass(Tensor)).float().view(n, 8)
-                m = torch.cat([c, c.new_ones(n, 1)], 1).view(n, 3, 3) @ m
         ac = bool(self.align_corners)
         k = (h, w, ac, x.device)
         if k not in self._grids: self._grids[k] = _base_grid(h, w, ac, x.device)
         base = self._grids[k]
-        # z is affine in the output coordinates, so it keeps its sign over the image iff it does at the 4 corners
-        corners = base.new_tensor([[-1., -1., 1.], [-1., 1., 1.], [1., -1., 1.], [1., 1., 1.]])
-        if warp and ((corners @ m[:, 2].T) <= 0).any(): return self._coords_nowarp(x, size)
-        ext = cpu_ext() if self.kernels and x.device.type == 'cpu' else None
-        if ext is not None:   # one pass: (x/z, y/z) per output pixel; z is exactly 1 without the warp
-            return ext.affine_grid(m.contiguous(), base[0, :w, 0].contiguous(), base[0, ::w, 1].contiguous())
-        if not warp: return torch.matmul(base, m[:, :2].transpose(1, 2)).view(n, h, w, 2)
-        g = torch.matmul(base, m.transpose(1, 2))
-        return (g[..., :2] / g[..., 2:]).view(n, h, w, 2)
+        if len(self.coord_fs) > 0 and not self.split_idx:
+            mw = m
+            for f in self.coord_fs:
+                # on plain tensors: the same solve, without fastai's subclass dispatch on its ~40 small ops (0.8 → 0.3 ms a batch of 128, Xeon with AMX)
+                c = find_coeffs(f.orig_pts.as_subclass(Tensor), f.targ_pts.as_subclass(Tensor)).float().view(n, 8)
+                mw = torch.cat([c, c.new_ones(n, 1)], 1).view(n, 3, 3) @ mw
+            # z is affine in the output coordinates, so it keeps its sign over the image iff it does at the 4 corners;
+            # where it does not, the warp is dropped (fastai's division would flip the image there)
+            corners = base.new_tensor([[-1., -1., 1.], [-1., 1., 1.], [1., -1., 1.], [1., 1., 1.]])
+            if not ((corners @ mw[:, 2].T) <= 0).any(): m = mw
+        return m.contiguous(), base, cpu_ext() if self.kernels and x.device.type == 'cpu' else None
 
-    def _coords_nowarp(self, x, size):
-        fs, self.coord_fs = self.coord_fs, L()
-        try: return self._coords(x, size)
-        finally: self.coord_fs = fs
+    def _coords(self, x, size):
+        "The sampling grid (n, h, w, 2) that `F.grid_sample` takes"
+        (h, w), (m, base, ext) = size, self._map(x, size)
+        if ext is not None:   # one pass: (x/z, y/z) per output pixel; z is exactly 1 without the warp
+            return ext.affine_grid(m, base[0, :w, 0].contiguous(), base[0, ::w, 1].contiguous())
+        g = torch.matmul(base, m.transpose(1, 2))
+        return (g[..., :2] / g[..., 2:]).view(x.shape[0], h, w, 2)
 
     def _encode(self, x, mode, reverse=False):
         if not self._fast(x): return super()._encode(x, mode, reverse)
         size = tuple(x.shape[-2:]) if self.size is None else (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
-        coords = self._coords(x, size)
         is_mask = isinstance(x, TensorMask)
         t = x.as_subclass(Tensor)
         if is_mask: t = (t[:, None] if t.ndim == 3 else t).float()
-        if mode == 'bilinear':   # fastai's smoothing when shrinking a lot, only computed when it can apply
-            d = min(t.shape[-2]/size[0], t.shape[-1]/size[1])/2
-            if d > 1 and d > 2/(coords.max()-coords.min()).item():
+        d = min(t.shape[-2]/size[0], t.shape[-1]/size[1])/2   # fastai smooths a bilinear resampling that shrinks a lot
+        pads = ('zeros', 'border', 'reflection')
+        m, base, ext = self._map(x, size)
+        if ext is not None and t.dtype == torch.float32 and mode in ('bilinear', 'nearest') and self.pad_mode in pads \
+           and (mode == 'nearest' or d <= 1):   # grid and `grid_sample` in one pass of the compiled kernel
+            res = ext.affine_sample(t, m, base[0, :size[1], 0].contiguous(), base[0, ::size[1], 1].contiguous(), mode == 'nearest',
+                                    pads.index(self.pad_mode), bool(self.align_corners))
+        else:
+            coords = self._coords(x, size)
+            if mode == 'bilinear' and d > 1 and d > 2/(coords.max()-coords.min()).item():
                 t = F.interpolate(t, scale_factor=1/d, mode='area', recompute_scale_factor=True)
-        res = F.grid_sample(t, coords, mode=mode, padding_mode=self.pad_mode, align_corners=self.align_corners)
+            res = F.grid_sample(t, coords, mode=mode, padding_mode=self.pad_mode, align_corners=self.align_corners)
         if is_mask: return TensorMask((res.long()[:, 0]) if x.ndim == 3 else res.long())
         return TensorImage(res)
 

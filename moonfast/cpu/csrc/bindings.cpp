@@ -28,4 +28,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv3_bf16_available", &conv3_bf16_available, "whether this build has the AVX-512 BF16 kernels");
   m.def("conv3_bf16_backward_weight", &conv3_bf16_backward_weight, "3×3 conv weight and bias gradients (fp32) of bf16 tensors");
   m.def("affine_grid", &affine_grid, "sampling grid of (N, 3, 3) maps");
+  m.def("affine_sample", &affine_sample, "grid_sample through the grid of (N, 3, 3) maps, in one pass");
 }

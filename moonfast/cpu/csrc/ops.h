@@ -48,5 +48,8 @@ std::vector<at::Tensor> convs2_backward_weight(const at::Tensor& dy, const at::T
 bool conv3_bf16_available();
 std::vector<at::Tensor> conv3_bf16_backward_weight(const at::Tensor& dy, const at::Tensor& x, bool bias);
 
-// affine_grid.cpp: the sampling grid of a batch of 3×3 (affine or perspective) maps
+// affine_grid.cpp: the sampling grid of a batch of 3×3 (affine or perspective) maps, and the resampling through it in one
+// pass (bilinear or nearest; padding 0 zeros, 1 border, 2 reflection)
 at::Tensor affine_grid(const at::Tensor& m, const at::Tensor& us, const at::Tensor& vs);
+at::Tensor affine_sample(const at::Tensor& x, const at::Tensor& m, const at::Tensor& us, const at::Tensor& vs, bool nearest,
+                         int64_t pad, bool align_corners);
