@@ -47,6 +47,8 @@ std::vector<at::Tensor> convs2_backward_weight(const at::Tensor& dy, const at::T
 // conv3_bf16.cpp: the 3×3 stride-1 convolution's weight (and bias) gradient (fp32) from bf16 channels-last tensors, AVX-512 BF16 only
 bool conv3_bf16_available();
 std::vector<at::Tensor> conv3_bf16_backward_weight(const at::Tensor& dy, const at::Tensor& x, bool bias);
+// and the ResNet stem's forward: 7×7, stride 2, padding 3, 3 input channels, at most 24 output channels (b: empty for none)
+at::Tensor stem_bf16_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 
 // affine_grid.cpp: the sampling grid of a batch of 3×3 (affine or perspective) maps, and the resampling through it in one
 // pass (bilinear or nearest; padding 0 zeros, 1 border, 2 reflection)
