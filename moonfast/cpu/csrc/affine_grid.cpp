@@ -51,14 +51,15 @@ at::Tensor affine_grid(const at::Tensor& m_, const at::Tensor& us_, const at::Te
 enum Pad { ZEROS = 0, BORDER = 1, REFLECTION = 2 };
 constexpr float BIG = 4194304.f;   // 2^22: coordinates are held within ±BIG, where floats still tell pixels apart
 
-// floor and round-half-even (std::nearbyint's rounding) of |v| <= 2^23 in plain float arithmetic: loops of std::floor
-// or std::nearbyint only vectorise with -fno-trapping-math
-static inline float floor_(float v) { const float t = float(int32_t(v)); return t > v ? t - 1.f : t; }
-static inline float rint_(float v) {
-  const float t = floor_(v), d = v - t, h = t * 0.5f;
-  return (d > 0.5f) | ((d == 0.5f) & (floor_(h) != h)) ? t + 1.f : t;
+// floor and round-half-even (std::nearbyint's rounding) of |v| <= 2^23, as int32: loops of std::floor or
+// std::nearbyint only vectorise with -fno-trapping-math. The conditions adjust integers, not floats: a float operation
+// under a condition would have to be speculated, which gcc (under the default -ftrapping-math) only does with AVX-512's
+// masks, so the loops would run scalar on AVX2.
+static inline int32_t ifloor(float v) { const int32_t t = int32_t(v); return t - int32_t(float(t) > v); }
+static inline int32_t irint(float v) {   // adding 1.5·2^23 leaves a float whose ulp is 1, rounded to even
+  const float m = 12582912.f;
+  return int32_t((v + m) - m);
 }
-
 // one axis of `s` pixels: reflection about lo and lo + span, and the range coordinates are clipped to
 struct Axis {
   float s, lo, span, inv, cmin, cmax;
@@ -71,11 +72,15 @@ struct Axis {
 template <int pad, bool ac>
 static inline float source(float g, const Axis& A) {
   float c = ac ? (g + 1.f) / 2.f * (A.s - 1.f) : ((g + 1.f) * A.s - 1.f) / 2.f;
-  c = c > -BIG ? c : -BIG; c = c < BIG ? c : BIG;
   if (pad == REFLECTION) {   // span 0 (one pixel, align_corners) reflects everything to lo
-    const float a = std::fabs(c - A.lo), q = floor_(a * A.inv), e = a - q * A.span, h = q * 0.5f;
-    c = (floor_(h) == h ? e : A.span - e) + A.lo;
+    // (no constant is added right after a clamp: gcc moves such an addition into the clamp's branches, see ifloor)
+    float r = c - A.lo;
+    r = r > -BIG ? r : -BIG; r = r < BIG ? r : BIG;
+    const float a = std::fabs(r); const int32_t q = ifloor(a * A.inv); const float e = a - float(q) * A.span;
+    const float odd = float(q & 1);   // an odd number of reflections: (span − e) + lo, else e + lo, without a branch
+    c = (odd * A.span + (1.f - 2.f * odd) * e) + A.lo;
   }
+  c = c > -BIG ? c : -BIG; c = c < BIG ? c : BIG;
   c = c > A.cmin ? c : A.cmin; c = c < A.cmax ? c : A.cmax;
   return c;
 }
@@ -88,9 +93,9 @@ static void __attribute__((noinline)) taps(const float* __restrict__ g, int64_t 
   const int32_t W3 = int32_t(W + 3); const Axis ax(W, ac, pad), ay(H, ac, pad);
   for (int64_t j = 0; j < OW; ++j) {
     const float ix = source<pad, ac>(g[2 * j], ax), iy = source<pad, ac>(g[2 * j + 1], ay);
-    const float x0 = nearest ? rint_(ix) : floor_(ix), y0 = nearest ? rint_(iy) : floor_(iy);
-    fx[j] = ix - x0; fy[j] = iy - y0;
-    i0[j] = (int32_t(y0) + 1) * W3 + int32_t(x0) + 1;
+    const int32_t x0 = nearest ? irint(ix) : ifloor(ix), y0 = nearest ? irint(iy) : ifloor(iy);
+    fx[j] = ix - float(x0); fy[j] = iy - float(y0);
+    i0[j] = (y0 + 1) * W3 + x0 + 1;
   }
 }
 using TapsFn = void (*)(const float*, int64_t, int64_t, int64_t, int32_t*, float*, float*);
