@@ -14,6 +14,10 @@ from ..cpu.build import cpu_ext
 __all__ = ['FastAffineCoordTfm', 'fast_affine', 'fast_lighting', 'cls_batch_tfms', 'seg_batch_tfms']
 
 # %% ../../nbs/04_augment.ipynb #9ec108b5
+def _axes(base, w):
+    "The output's normalised x (w) and y coordinates, from `_base_grid`'s grid of width `w`"
+    return base[0, :w, 0].contiguous(), base[0, ::w, 1].contiguous()
+
 def _base_grid(h, w, align_corners, device):
     "Homogeneous (h*w)×3 grid of normalised output coordinates, as `F.affine_grid` makes them"
     def lin(n): return torch.linspace(-1, 1, n, device=device) * (1 if align_corners or n == 1 else (n-1)/n)
@@ -51,7 +55,7 @@ class FastAffineCoordTfm(AffineCoordTfm):
         "The sampling grid (n, h, w, 2) that `F.grid_sample` takes"
         (h, w), (m, base, ext) = size, self._map(x, size)
         if ext is not None:   # one pass: (x/z, y/z) per output pixel; z is exactly 1 without the warp
-            return ext.affine_grid(m, base[0, :w, 0].contiguous(), base[0, ::w, 1].contiguous())
+            return ext.affine_grid(m, *_axes(base, w))
         g = torch.matmul(base, m.transpose(1, 2))
         return (g[..., :2] / g[..., 2:]).view(x.shape[0], h, w, 2)
 
@@ -66,8 +70,7 @@ class FastAffineCoordTfm(AffineCoordTfm):
         m, base, ext = self._map(x, size)
         if ext is not None and t.dtype == torch.float32 and mode in ('bilinear', 'nearest') and self.pad_mode in pads \
            and (mode == 'nearest' or d <= 1):   # grid and `grid_sample` in one pass of the compiled kernel
-            res = ext.affine_sample(t, m, base[0, :size[1], 0].contiguous(), base[0, ::size[1], 1].contiguous(), mode == 'nearest',
-                                    pads.index(self.pad_mode), bool(self.align_corners))
+            res = ext.affine_sample(t, m, *_axes(base, size[1]), mode == 'nearest', pads.index(self.pad_mode), bool(self.align_corners))
         else:
             coords = self._coords(x, size)
             if mode == 'bilinear' and d > 1 and d > 2/(coords.max()-coords.min()).item():
