@@ -49,6 +49,8 @@ bool conv3_bf16_available();
 std::vector<at::Tensor> conv3_bf16_backward_weight(const at::Tensor& dy, const at::Tensor& x, bool bias);
 // and the ResNet stem's forward: 7×7, stride 2, padding 3, 3 input channels, at most 24 output channels (b: empty for none)
 at::Tensor stem_bf16_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+// and the K×K (K odd, at most 7) stride-2 padding-K/2 convolution's weight (and bias) gradient, fp32 (the stem's included)
+std::vector<at::Tensor> convs2_bf16_backward_weight(const at::Tensor& dy, const at::Tensor& x, int64_t K, bool bias);
 
 // affine_grid.cpp: the sampling grid of a batch of 3×3 (affine or perspective) maps, and the resampling through it in one
 // pass (bilinear or nearest; padding 0 zeros, 1 border, 2 reflection)
