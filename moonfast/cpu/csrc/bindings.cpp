@@ -27,6 +27,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("convs2_backward_weight", &convs2_backward_weight, "its weight and bias gradients");
   m.def("conv3_bf16_available", &conv3_bf16_available, "whether this build has the AVX-512 BF16 kernels");
   m.def("conv3_bf16_backward_weight", &conv3_bf16_backward_weight, "3×3 conv weight and bias gradients (fp32) of bf16 tensors");
+  m.def("conv3_bf16_forward", &conv3_bf16_forward, "3×3 conv, stride 1, padding 1, of bf16 tensors: output (bf16, channels-last)");
+  m.def("conv3_bf16_backward_input", &conv3_bf16_backward_input, "its input gradient (bf16, channels-last)");
   m.def("stem_bf16_forward", &stem_bf16_forward, "7×7 stride-2 conv of 3 channels (a ResNet stem), bf16 in and out");
   m.def("convs2_bf16_backward_weight", &convs2_bf16_backward_weight, "K×K stride-2 conv weight and bias gradients (fp32) of bf16 tensors");
   m.def("affine_grid", &affine_grid, "sampling grid of (N, 3, 3) maps");

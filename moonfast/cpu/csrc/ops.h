@@ -47,6 +47,9 @@ std::vector<at::Tensor> convs2_backward_weight(const at::Tensor& dy, const at::T
 // conv3_bf16.cpp: the 3×3 stride-1 convolution's weight (and bias) gradient (fp32) from bf16 channels-last tensors, AVX-512 BF16 only
 bool conv3_bf16_available();
 std::vector<at::Tensor> conv3_bf16_backward_weight(const at::Tensor& dy, const at::Tensor& x, bool bias);
+// and its output (bf16; b: empty for none) and input gradient (bf16), for an even number of channels computed
+at::Tensor conv3_bf16_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+at::Tensor conv3_bf16_backward_input(const at::Tensor& dy, const at::Tensor& w);
 // and the ResNet stem's forward: 7×7, stride 2, padding 3, 3 input channels, at most 24 output channels (b: empty for none)
 at::Tensor stem_bf16_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 // and the K×K (K odd, at most 7) stride-2 padding-K/2 convolution's weight (and bias) gradient, fp32 (the stem's included)
