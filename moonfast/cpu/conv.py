@@ -12,9 +12,10 @@ from ..core import DataError
 from .build import cpu_ext, swap_class
 
 # %% auto #0
-__all__ = ['CONV_MODES', 'S2_KERNELS', 'BF16_MAX_CHANNELS', 'BF16_MIN_PIXELS', 'STEM_MAX_OUT', 'conv_mode', 'conv3x3_supported',
-           'conv_s2_supported', 'conv3x3_bf16_supported', 'stem_bf16_supported', 'conv_s2_bf16_supported',
-           'conv_choices', 'clear_conv_choices', 'conv3x3', 'conv_s2', 'FastConv2d', 'fast_conv']
+__all__ = ['CONV_MODES', 'S2_KERNELS', 'BF16_MAX_CHANNELS', 'BF16_MIN_PIXELS', 'BF16_FWD_MAX_CHANNELS', 'STEM_MAX_OUT',
+           'conv_mode', 'conv3x3_supported', 'conv_s2_supported', 'conv3x3_bf16_supported', 'stem_bf16_supported',
+           'conv_s2_bf16_supported', 'conv_choices', 'clear_conv_choices', 'conv3x3', 'conv_s2', 'FastConv2d',
+           'fast_conv']
 
 # %% ../../nbs/13b_cpu_conv.ipynb #4184e836
 CONV_MODES = ('auto', 'on', 'off')
@@ -65,6 +66,9 @@ def conv_s2_supported(x:Tensor, weight:Tensor, stride=2, padding=None, dilation=
 # classifier's 18-channel layers, batch 128) it won its race by 1.25× and the classifier's bf16 step gained 1.047× and
 # 1.010× in two alternating runs of 16 and 20 steps. The stride-2 one lost from 72 input channels.
 BF16_MAX_CHANNELS, BF16_MIN_PIXELS = 36, 32 * 32
+# the bf16 forward and input-gradient kernel (3×3 stride 1) keeps its rate on wider inputs (Zen 4, batch 16: 72→36 at 64²
+# forward 352 against oneDNN's 304 GFLOP/s; from 144 input channels oneDNN's is faster)
+BF16_FWD_MAX_CHANNELS = 72
 
 def _bf16_autocast() -> bool: return torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
 
@@ -80,11 +84,15 @@ def _bf16_ok(x, weight) -> bool:
             and not _exporting() and conv_mode() != 'off')
 
 def conv3x3_bf16_supported(x:Tensor, weight:Tensor, stride=1, padding=1, dilation=1, groups=1, padding_mode:str='zeros') -> bool:
-    "Whether moonfast's AVX-512 BF16 kernels may take part in `F.conv2d(x, weight, …)` under CPU bf16 autocast: 3×3, stride 1, padding 1, a float32 or bf16 CPU input in channels-last memory with at most `BF16_MAX_CHANNELS` channels and `BF16_MIN_PIXELS` pixels or more, a build with AVX-512 BF16, `MOONFAST_CONV` not 'off'; and either an even number of output channels (the forward and input-gradient kernel) or a weight that needs its gradient (the weight-gradient kernel)"
+    "Whether moonfast's AVX-512 BF16 kernels may take part in `F.conv2d(x, weight, …)` under CPU bf16 autocast: 3×3, stride 1, padding 1, a float32 or bf16 CPU input in channels-last memory with `BF16_MIN_PIXELS` pixels or more, a build with AVX-512 BF16, `MOONFAST_CONV` not 'off'; and either an even number of output channels and at most `BF16_FWD_MAX_CHANNELS` input channels (the forward and input-gradient kernel) or at most `BF16_MAX_CHANNELS` input channels and a weight that needs its gradient (the weight-gradient kernel)"
     return (_bf16_autocast() and _is_3x3_s1(x, weight, stride, padding, dilation, groups, padding_mode)
-            and x.shape[1] <= BF16_MAX_CHANNELS and x.shape[2] * x.shape[3] >= BF16_MIN_PIXELS
-            and (weight.shape[0] % 2 == 0 or (torch.is_grad_enabled() and weight.requires_grad))
+            and x.shape[2] * x.shape[3] >= BF16_MIN_PIXELS
+            and ((weight.shape[0] % 2 == 0 and x.shape[1] <= BF16_FWD_MAX_CHANNELS) or _bf16_weight_kernel(x, weight))
             and _bf16_ok(x, weight) and _bf16_kernels())
+
+def _bf16_weight_kernel(x, weight) -> bool:
+    "Whether the bf16 3×3 weight-gradient kernel may race: at most `BF16_MAX_CHANNELS` input channels, a weight that needs its gradient"
+    return x.shape[1] <= BF16_MAX_CHANNELS and torch.is_grad_enabled() and weight.requires_grad
 
 STEM_MAX_OUT = 24   # the stem kernel's accumulators: one register per output channel
 
@@ -222,7 +230,7 @@ def _bf16_grads(ctx, dx, dw, db):
     return tuple(g.to(dt) if need and g is not None else None for g, need, dt in zip((dx, dw, db), ctx.needs_input_grad, ctx.dtypes))
 
 def _bf16_backward(ctx, dy, stride, padding, name, weight_kernel, input_kernel=None):
-    "A bf16 convolution's backward: oneDNN's, except where that is faster (`_use_kernel`) the input gradient, `input_kernel(dy, w)`'s (pass 'input bf16', against oneDNN's input gradient), and the weight and bias gradients, `weight_kernel(dy, x, need_bias)`'s (pass `name`: with oneDNN's input gradient, against oneDNN's whole backward; or, beside the input kernel, `name` + ', no input grad': against oneDNN's weight gradient)"
+    "A bf16 convolution's backward: oneDNN's, except where that is faster (`_use_kernel`) the input gradient, `input_kernel(dy, w)`'s (pass 'input bf16', against oneDNN's input gradient), and the weight and bias gradients, `weight_kernel(dy, x, need_bias)`'s (pass `name`: with oneDNN's input gradient, against oneDNN's whole backward; or, beside the input kernel, `name` + ', no input grad': against oneDNN's weight gradient). Either kernel may be None: not for this layer"
     xb, wb = ctx.saved_tensors
     dy, onednn = _bf16_onednn(ctx, dy, stride, padding)
     need_x, need_w, need_b = (bool(n) for n in ctx.needs_input_grad)
@@ -230,14 +238,15 @@ def _bf16_backward(ctx, dy, stride, padding, name, weight_kernel, input_kernel=N
                                                            lambda: onednn([True, False, False])):
         dx = input_kernel(dy, wb)
         if not (need_w or need_b): return _bf16_grads(ctx, dx, None, None)
-        if need_w and _use_kernel((name + ', no input grad',) + ctx.key, lambda: weight_kernel(dy, xb, need_b),
-                                  lambda: onednn([False, True, need_b])):
+        if need_w and weight_kernel is not None and _use_kernel((name + ', no input grad',) + ctx.key,
+                                                                lambda: weight_kernel(dy, xb, need_b), lambda: onednn([False, True, need_b])):
             return _bf16_grads(ctx, dx, *weight_kernel(dy, xb, need_b))
         return _bf16_grads(ctx, dx, *onednn([False, need_w, need_b])[1:])
     def ours():
         dx = onednn([True, False, False])[0] if need_x else None
         return (dx, *weight_kernel(dy, xb, need_b))
-    if need_w and _use_kernel((name + ('' if need_x else ', no input grad'),) + ctx.key, ours, lambda: onednn([need_x, True, need_b])):
+    if need_w and weight_kernel is not None and _use_kernel((name + ('' if need_x else ', no input grad'),) + ctx.key, ours,
+                                                            lambda: onednn([need_x, True, need_b])):
         return _bf16_grads(ctx, *ours())
     return _bf16_grads(ctx, *onednn([need_x, need_w, need_b]))
 
@@ -256,7 +265,8 @@ class _Conv3x3BF16(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         dx_kernel = (lambda d, w: cpu_ext().conv3_bf16_backward_input(d, w)) if ctx.key[0][1] % 2 == 0 else None
-        return _bf16_backward(ctx, dy, 1, 1, 'weight bf16', lambda *a: cpu_ext().conv3_bf16_backward_weight(*a), dx_kernel)
+        dw_kernel = (lambda *a: cpu_ext().conv3_bf16_backward_weight(*a)) if ctx.key[0][1] <= BF16_MAX_CHANNELS else None
+        return _bf16_backward(ctx, dy, 1, 1, 'weight bf16', dw_kernel, dx_kernel)
 
 class _ConvS2BF16(torch.autograd.Function):
     "K×K stride-2 padding-K//2 convolution under CPU bf16 autocast, computed as autocast computes it (oneDNN on bf16 copies of input, weight and bias) except, each where that is faster (`_use_kernel`), a ResNet stem's forward and the weight and bias gradients: moonfast's AVX-512 BF16 kernels, the same bf16 products summed in fp32"
