@@ -390,7 +390,7 @@ std::vector<at::Tensor> convs2_bf16_backward_weight(const at::Tensor& dy, const 
 
 // ---- the output and the input gradient of a 3×3 stride-1 padding-1 convolution, bf16 channels-last, AVX-512 BF16 ----
 // oneDNN vectorises these over channels: with 18 or 36 of them (the U-Net's 128² and 64² layers) it ran the forward at
-// 200-235 GFLOP/s and the input gradient at 160-270 on the Zen 4 EPYC whose bf16 matmul ran at 360-425. Here 16 output
+// 165-270 GFLOP/s and the input gradient at 160-270 on the Zen 4 EPYC whose bf16 matmul ran at 360-425. Here 16 output
 // pixels of a row sit across the lanes, one accumulator per output channel (tiles of at most 18), and the reduction runs
 // over (ky; input-channel pair; kx): each input row is rewritten once as planes of channel pairs, dword j of plane p
 // holding pixel j - 1's channels (2p, 2p + 1) (zeros at the borders and for a missing odd channel), so the 16 pixels'
