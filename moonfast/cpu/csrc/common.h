@@ -18,6 +18,9 @@
 #include <cstring>
 #include <mutex>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 // Element access through an accumulation type A: float for bf16 (read as its bit pattern) and float, double for double.
 template <typename T> struct Elt {
@@ -83,3 +86,24 @@ static void check_same(const at::Tensor& x, const at::Tensor& t, const char* wha
   TORCH_CHECK(t.sizes() == x.sizes() && t.scalar_type() == x.scalar_type() && t.is_contiguous(at::MemoryFormat::ChannelsLast),
               "moonfast kernels: expected ", what, " shaped, typed and laid out (channels-last) as the input");
 }
+
+#if defined(__AVX512F__)
+// A 16×16 block of 32-bit values in 16 AVX-512 registers (r[i]: row i) → its transpose, in place (conv3.cpp's fp32
+// planes, conv3_bf16.cpp's bf16 pairs as dwords)
+__attribute__((always_inline)) static inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int k = 0; k < 8; ++k) { t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]); t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]); }
+  for (int k = 0; k < 4; ++k) {
+    const __m512d a = _mm512_castps_pd(t[4 * k]), b = _mm512_castps_pd(t[4 * k + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * k + 1]), d = _mm512_castps_pd(t[4 * k + 3]);
+    u[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)); u[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    u[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d)); u[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int e = 0; e < 4; ++e) {
+    const __m512 ablo = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x44), abhi = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xEE);
+    const __m512 cdlo = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x44), cdhi = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xEE);
+    r[e] = _mm512_shuffle_f32x4(ablo, cdlo, 0x88); r[4 + e] = _mm512_shuffle_f32x4(ablo, cdlo, 0xDD);
+    r[8 + e] = _mm512_shuffle_f32x4(abhi, cdhi, 0x88); r[12 + e] = _mm512_shuffle_f32x4(abhi, cdhi, 0xDD);
+  }
+}
+#endif

@@ -46,22 +46,7 @@ constexpr int TB = 16;
 typedef __m512 tb_t;
 static inline tb_t tb_load(const float* p) { return _mm512_loadu_ps(p); }
 static inline void tb_store(float* p, tb_t v) { _mm512_storeu_ps(p, v); }
-static inline void tb_transpose(tb_t r[16]) {   // r: 16 rows of 16 floats → its transpose, in place
-  __m512 t[16], u[16];
-  for (int k = 0; k < 8; ++k) { t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]); t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]); }
-  for (int k = 0; k < 4; ++k) {
-    const __m512d a = _mm512_castps_pd(t[4 * k]), b = _mm512_castps_pd(t[4 * k + 2]);
-    const __m512d c = _mm512_castps_pd(t[4 * k + 1]), d = _mm512_castps_pd(t[4 * k + 3]);
-    u[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)); u[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-    u[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d)); u[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
-  }
-  for (int e = 0; e < 4; ++e) {
-    const __m512 ablo = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x44), abhi = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xEE);
-    const __m512 cdlo = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x44), cdhi = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xEE);
-    r[e] = _mm512_shuffle_f32x4(ablo, cdlo, 0x88); r[4 + e] = _mm512_shuffle_f32x4(ablo, cdlo, 0xDD);
-    r[8 + e] = _mm512_shuffle_f32x4(abhi, cdhi, 0x88); r[12 + e] = _mm512_shuffle_f32x4(abhi, cdhi, 0xDD);
-  }
-}
+static inline void tb_transpose(tb_t r[16]) { transpose16x16(r); }   // r: 16 rows of 16 floats → its transpose, in place
 #elif defined(__AVX__)
 constexpr int TB = 8;
 typedef __m256 tb_t;

@@ -401,20 +401,12 @@ std::vector<at::Tensor> convs2_bf16_backward_weight(const at::Tensor& dy, const 
 // output gradient with the weight's channels swapped and its taps reversed.
 
 #if defined(__AVX512BF16__)
-// 16×16 dword transpose in registers: before, r[j] lane p holds element (j, p); after, r[q] lane j holds (T16[q], j)
-static const int T16[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+// 16×16 dwords in registers → their transpose, in place (common.h's, through free casts)
 __attribute__((always_inline)) static inline void transpose16(__m512i* r) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) { t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]); t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]); }
-  for (int i = 0; i < 16; i += 4)
-    for (int k = 0; k < 2; ++k) {
-      r[i + k] = _mm512_unpacklo_epi64(t[i + k], t[i + 2 + k]); r[i + 2 + k] = _mm512_unpackhi_epi64(t[i + k], t[i + 2 + k]);
-    }
-  for (int i = 0; i < 16; i += 8)
-    for (int k = 0; k < 4; ++k) {
-      t[i + k] = _mm512_shuffle_i32x4(r[i + k], r[i + 4 + k], 0x88); t[i + 4 + k] = _mm512_shuffle_i32x4(r[i + k], r[i + 4 + k], 0xDD);
-    }
-  for (int k = 0; k < 8; ++k) { r[k] = _mm512_shuffle_i32x4(t[k], t[8 + k], 0x88); r[8 + k] = _mm512_shuffle_i32x4(t[k], t[8 + k], 0xDD); }
+  __m512 f[16];
+  for (int i = 0; i < 16; ++i) f[i] = _mm512_castsi512_ps(r[i]);
+  transpose16x16(f);
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(f[i]);
 }
 
 static inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
@@ -437,8 +429,7 @@ static void pair_row(const uint16_t* xs, int64_t C, int64_t W, int64_t CP, int64
       __m512i r[16];
       for (int i = 0; i < 16; ++i) r[i] = i < np ? _mm512_maskz_loadu_epi32(first_lanes(pn), s + (x0 + i) * CP + p0) : _mm512_setzero_si512();
       transpose16(r);
-      for (int q = 0; q < 16; ++q)
-        if (T16[q] < pn) _mm512_mask_storeu_epi32(d + (p0 + T16[q]) * WP + x0 + 1, first_lanes(np), r[q]);
+      for (int q = 0; q < pn; ++q) _mm512_mask_storeu_epi32(d + (p0 + q) * WP + x0 + 1, first_lanes(np), r[q]);
     }
   }
 }
@@ -463,8 +454,7 @@ static inline void pair_tile(const uint32_t* const* rows, int64_t CP, int64_t WP
   for (int j = 0; j < CO / 2; ++j) v[j] = _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(acc[2 * j + 1], acc[2 * j]));
   for (int j = CO / 2; j < 16; ++j) v[j] = _mm512_setzero_si512();
   transpose16(v);
-  for (int q = 0; q < 16; ++q)
-    if (T16[q] < np) _mm512_mask_storeu_epi32(yrow + (ow0 + T16[q]) * (Co / 2) + co0 / 2, first_lanes(CO / 2), v[q]);
+  for (int q = 0; q < np; ++q) _mm512_mask_storeu_epi32(yrow + (ow0 + q) * (Co / 2) + co0 / 2, first_lanes(CO / 2), v[q]);
 }
 #endif
 
