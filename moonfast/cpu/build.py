@@ -16,7 +16,7 @@ __all__ = ['CSRC', 'SOURCES', 'HEADERS', 'kernels_enabled', 'onednn_isa_cap', 'i
 
 # %% ../../nbs/02_build.ipynb #437bbf71
 CSRC = Path(__file__).parent/'csrc' if '__file__' in globals() else Path('../moonfast/cpu/csrc').resolve()
-SOURCES = ('bindings.cpp', 'maxpool.cpp', 'batchnorm.cpp', 'upcat.cpp', 'conv3.cpp', 'conv3_bf16.cpp', 'affine_grid.cpp')
+SOURCES = ('bindings.cpp', 'maxpool.cpp', 'batchnorm.cpp', 'upcat.cpp', 'conv3.cpp', 'conv3_bf16.cpp', 'winograd.cpp', 'affine_grid.cpp')
 HEADERS = ('common.h', 'ops.h')
 _EXT = {}
 

@@ -31,6 +31,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv3_bf16_backward_input", &conv3_bf16_backward_input, "its input gradient (bf16, channels-last)");
   m.def("stem_bf16_forward", &stem_bf16_forward, "7×7 stride-2 conv of 3 channels (a ResNet stem), bf16 in and out");
   m.def("convs2_bf16_backward_weight", &convs2_bf16_backward_weight, "K×K stride-2 conv weight and bias gradients (fp32) of bf16 tensors");
+  m.def("winograd_bf16_available", &winograd_bf16_available, "whether this build has the bf16 Winograd transforms");
+  m.def("winograd_bf16_input", &winograd_bf16_input, "Winograd F(2x2, 3x3): input tiles (16, tiles, C) of a bf16 channels-last x");
+  m.def("winograd_bf16_output", &winograd_bf16_output, "Winograd F(2x2, 3x3): output (bf16, channels-last) from the tile products");
+  m.def("winograd_bf16_adjoint", &winograd_bf16_adjoint, "Winograd F(2x2, 3x3): the output transform's adjoint of dy, (16, tiles, Co)");
+  m.def("winograd_bf16_weight", &winograd_bf16_weight, "Winograd F(2x2, 3x3): weight tiles (16, C, Co) bf16 (flip: (16, Co, C), taps reversed)");
+  m.def("winograd_weight_grad", &winograd_weight_grad, "Winograd F(2x2, 3x3): weight gradient (Co, C, 3, 3) fp32 from (16, C, Co)");
   m.def("affine_grid", &affine_grid, "sampling grid of (N, 3, 3) maps");
   m.def("affine_sample", &affine_sample, "grid_sample through the grid of (N, 3, 3) maps, in one pass");
 }
