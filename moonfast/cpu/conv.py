@@ -15,7 +15,7 @@ from .build import cpu_ext, swap_class
 __all__ = ['CONV_MODES', 'S2_KERNELS', 'BF16_MAX_CHANNELS', 'BF16_MIN_PIXELS', 'BF16_FWD_MAX_CHANNELS', 'WINO_MIN_CHANNELS',
            'STEM_MAX_OUT', 'conv_mode', 'conv3x3_supported', 'conv_s2_supported', 'conv3x3_bf16_supported',
            'stem_bf16_supported', 'conv_s2_bf16_supported', 'conv_choices', 'clear_conv_choices', 'conv3x3', 'conv_s2',
-           'winograd_bf16_conv3x3', 'winograd_bf16_weight_grad', 'FastConv2d', 'fast_conv']
+           'winograd_conv3x3', 'winograd_conv3x3_weight_grad', 'FastConv2d', 'fast_conv']
 
 # %% ../../nbs/13b_cpu_conv.ipynb #4184e836
 CONV_MODES = ('auto', 'on', 'off')
@@ -157,15 +157,19 @@ def clear_conv_choices():
 _NOBIAS = torch.empty(0)
 
 class _Conv3x3(torch.autograd.Function):
-    "3×3 stride-1 padding-1 convolution of a channels-last fp32 CPU tensor: each pass with moonfast's kernel or oneDNN (`_use_kernel`)"
+    "3×3 stride-1 padding-1 convolution of a channels-last fp32 CPU tensor: each pass with moonfast's kernel, Winograd F(2×2, 3×3) (wide layers) or oneDNN, whichever `_choose` finds fastest"
     @staticmethod
     def forward(ctx, x, w, b):
         ext, key = cpu_ext(), (tuple(x.shape), w.shape[0], b is not None, torch.get_num_threads())
-        ctx.save_for_backward(x, w); ctx.key = key
+        ctx.save_for_backward(x, w); ctx.key, ctx.wino, ctx.tiles = key, _winograd(x, w), None
         bk = _NOBIAS if b is None else b
-        if _use_kernel(('forward',) + key, lambda: ext.conv3_forward(x, w, bk), lambda: F.conv2d(x, w, b, 1, 1)):
-            return ext.conv3_forward(x, w, bk)
-        return F.conv2d(x, w, b, 1, 1)
+        kernels = {'kernel': lambda: ext.conv3_forward(x, w, bk)}
+        if ctx.wino: kernels['winograd'] = lambda: winograd_conv3x3(x, w, b)[0]
+        pick = _choose(('forward',) + key, lambda: F.conv2d(x, w, b, 1, 1), kernels)
+        if pick != 'winograd': return kernels[pick]() if pick else F.conv2d(x, w, b, 1, 1)
+        y, v = winograd_conv3x3(x, w, b)
+        if torch.is_grad_enabled() and w.requires_grad: ctx.tiles = v   # for the weight gradient
+        return y
 
     @staticmethod
     @once_differentiable   # no second derivative: a double backward through it is refused, not silently wrong
@@ -177,13 +181,19 @@ class _Conv3x3(torch.autograd.Function):
         onednn = lambda mask: torch.ops.aten.convolution_backward(*args, mask)
         need_x, need_w, need_b = ctx.needs_input_grad
         dx = dw = db = None
-        if need_x:
-            ours = lambda: ext.conv3_backward_input(dy, w)
-            dx = ours() if _use_kernel(('input',) + key, ours, lambda: onednn([True, False, False])) else onednn([True, False, False])[0]
-        if need_w or need_b:
-            ours = lambda: ext.conv3_backward_weight(dy, x, bias)
-            if _use_kernel(('weight',) + key, ours, lambda: onednn([False, True, bias])): dw, db = ours()
-            else: _, dw, db = onednn([False, True, bias])
+        try:
+            if need_x:
+                kernels = {'kernel': lambda: ext.conv3_backward_input(dy, w)}
+                if ctx.wino: kernels['winograd'] = lambda: winograd_conv3x3(dy, w, flip=True)[0]
+                pick = _choose(('input',) + key, lambda: onednn([True, False, False]), kernels)
+                dx = kernels[pick]() if pick else onednn([True, False, False])[0]
+            if need_w or need_b:
+                kernels = {'kernel': lambda: ext.conv3_backward_weight(dy, x, bias)}
+                if ctx.wino: kernels['winograd'] = lambda: winograd_conv3x3_weight_grad(dy, x, ctx.tiles, bias)
+                pick = _choose(('weight',) + key, lambda: onednn([False, True, bias]), kernels)
+                if pick: dw, db = kernels[pick]()
+                else: _, dw, db = onednn([False, True, bias])
+        finally: ctx.tiles = None
         return dx, (dw if need_w else None), (db if need_b else None)
 
 def conv3x3(x:Tensor, weight:Tensor, bias:Tensor|None=None) -> Tensor:
@@ -265,26 +275,33 @@ def _bf16_backward(ctx, dy, stride, padding, name, weight_kernels:dict, input_ke
     if pw is not None: return _bf16_grads(ctx, *ours(wk[pw]))
     return _bf16_grads(ctx, *onednn([need_x, need_w, need_b]))
 
-def winograd_bf16_conv3x3(x:Tensor, # (N, C, H, W) bf16, channels-last
-                          weight:Tensor, # (Co, C, 3, 3) fp32 or bf16
-                          bias:Tensor|None=None, # (Co,) or None
-                          flip:bool=False): # `weight` is (C, Co, 3, 3), used swapped and reversed: the input gradient of a convolution by it
-    "`F.conv2d(x, weight, bias, 1, 1)` of bf16 channels-last tensors by Winograd F(2×2, 3×3) (AVX-512 BF16 only): output (bf16, channels-last) and the input tiles (16, tiles, C), which `winograd_bf16_weight_grad` takes"
-    ext = cpu_ext(); N, C, H, W = x.shape
-    v = ext.winograd_bf16_input(x)
-    with torch.autocast('cpu', enabled=False): m = torch.bmm(v, ext.winograd_bf16_weight(weight, flip))
-    return ext.winograd_bf16_output(m, _NOBIAS if bias is None else bias.float().contiguous(), N, H, W), v
-
-def winograd_bf16_weight_grad(dy:Tensor, # (N, Co, H, W) bf16, channels-last: the output gradient
-                              x:Tensor|None=None, # the convolution's input (bf16, channels-last), or
-                              v:Tensor|None=None, # its input tiles, from `winograd_bf16_conv3x3`
-                              bias:bool=True): # also the bias gradient
-    "The weight gradient (Co, C, 3, 3) and bias gradient (fp32; None without `bias`) of a 3×3 stride-1 padding-1 convolution of bf16 channels-last tensors, by Winograd F(2×2, 3×3): the gradient of the 16 tile products, then of the weight transform"
+def _wino_ops(dtype):
+    "The extension's input, output and adjoint transforms for `dtype` (bf16: AVX-512 BF16 builds; fp32: any)"
     ext = cpu_ext()
-    if v is None: v = ext.winograd_bf16_input(x)
+    if dtype == torch.bfloat16: return ext.winograd_bf16_input, ext.winograd_bf16_output, ext.winograd_bf16_adjoint
+    if dtype == torch.float32: return ext.winograd_f32_input, ext.winograd_f32_output, ext.winograd_f32_adjoint
+    raise DataError(f"Winograd convolution of a {dtype} tensor: expected torch.float32 or torch.bfloat16")
+
+def winograd_conv3x3(x:Tensor, # (N, C, H, W) fp32 or bf16, channels-last
+                     weight:Tensor, # (Co, C, 3, 3) fp32 or bf16
+                     bias:Tensor|None=None, # (Co,) or None
+                     flip:bool=False): # `weight` is (C, Co, 3, 3), used swapped and reversed: the input gradient of a convolution by it
+    "`F.conv2d(x, weight, bias, 1, 1)` of channels-last CPU tensors by Winograd F(2×2, 3×3), in `x`'s dtype (bf16 needs AVX-512 BF16): output (channels-last) and the input tiles (16, tiles, C), which `winograd_conv3x3_weight_grad` takes"
+    fin, fout, _ = _wino_ops(x.dtype); N, C, H, W = x.shape
+    v = fin(x)
+    with torch.autocast('cpu', enabled=False): m = torch.bmm(v, cpu_ext().winograd_weight(weight, flip, x.dtype == torch.bfloat16))
+    return fout(m, _NOBIAS if bias is None else bias.float().contiguous(), N, H, W), v
+
+def winograd_conv3x3_weight_grad(dy:Tensor, # (N, Co, H, W) fp32 or bf16, channels-last: the output gradient
+                                 x:Tensor|None=None, # the convolution's input (dy's dtype, channels-last), or
+                                 v:Tensor|None=None, # its input tiles, from `winograd_conv3x3`
+                                 bias:bool=True): # also the bias gradient
+    "The weight gradient (Co, C, 3, 3) and bias gradient (fp32; None without `bias`) of a 3×3 stride-1 padding-1 convolution of channels-last CPU tensors, by Winograd F(2×2, 3×3): the gradient of the 16 tile products, then of the weight transform"
+    fin, _, fadj = _wino_ops(dy.dtype)
+    if v is None: v = fin(x)
     with torch.autocast('cpu', enabled=False):
-        du = torch.bmm(v.transpose(1, 2), ext.winograd_bf16_adjoint(dy))
-        return ext.winograd_weight_grad(du), (dy.sum((0, 2, 3), dtype=torch.float32) if bias else None)
+        du = torch.bmm(v.transpose(1, 2), fadj(dy))
+        return cpu_ext().winograd_weight_grad(du), (dy.sum((0, 2, 3), dtype=torch.float32) if bias else None)
 
 class _Conv3x3BF16(torch.autograd.Function):
     "3×3 stride-1 padding-1 convolution under CPU bf16 autocast, computed as autocast computes it (oneDNN on bf16 copies of input, weight and bias) except, each where it is faster (`_choose`), the output and the input gradient (moonfast's direct AVX-512 BF16 kernel for even channel counts, fp32 sums rounded to bf16 as oneDNN rounds them; or Winograd F(2×2, 3×3) on wide layers) and the weight and bias gradients (the direct kernel, summed in fp32; or Winograd)"
@@ -297,10 +314,10 @@ class _Conv3x3BF16(torch.autograd.Function):
         kernels = {}
         if ctx.direct and w.shape[0] % 2 == 0 and x.shape[1] <= BF16_FWD_MAX_CHANNELS:
             kernels['kernel'] = lambda: cpu_ext().conv3_bf16_forward(xb, wb, _NOBIAS if bb is None else bb)
-        if ctx.wino: kernels['winograd'] = lambda: winograd_bf16_conv3x3(xb, wb, bb)[0]
+        if ctx.wino: kernels['winograd'] = lambda: winograd_conv3x3(xb, wb, bb)[0]
         pick = _choose(('forward bf16',) + ctx.key, theirs, kernels)
         if pick != 'winograd': return kernels[pick]() if pick else theirs()
-        y, v = winograd_bf16_conv3x3(xb, wb, bb)
+        y, v = winograd_conv3x3(xb, wb, bb)
         if torch.is_grad_enabled() and w.requires_grad: ctx.tiles = v   # for the weight gradient
         return y
 
@@ -309,9 +326,9 @@ class _Conv3x3BF16(torch.autograd.Function):
     def backward(ctx, dy):
         C, dx_kernels, dw_kernels = ctx.key[0][1], {}, {}
         if ctx.direct and C % 2 == 0: dx_kernels['kernel'] = lambda d, w: cpu_ext().conv3_bf16_backward_input(d, w)
-        if ctx.wino: dx_kernels['winograd'] = lambda d, w: winograd_bf16_conv3x3(d, w, flip=True)[0]
+        if ctx.wino: dx_kernels['winograd'] = lambda d, w: winograd_conv3x3(d, w, flip=True)[0]
         if ctx.direct and C <= BF16_MAX_CHANNELS: dw_kernels['kernel'] = lambda *a: cpu_ext().conv3_bf16_backward_weight(*a)
-        if ctx.wino: dw_kernels['winograd'] = lambda d, x, b: winograd_bf16_weight_grad(d, x, ctx.tiles, b)
+        if ctx.wino: dw_kernels['winograd'] = lambda d, x, b: winograd_conv3x3_weight_grad(d, x, ctx.tiles, b)
         try: return _bf16_backward(ctx, dy, 1, 1, 'weight bf16', dw_kernels, dx_kernels)
         finally: ctx.tiles = None
 

@@ -35,7 +35,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("winograd_bf16_input", &winograd_bf16_input, "Winograd F(2x2, 3x3): input tiles (16, tiles, C) of a bf16 channels-last x");
   m.def("winograd_bf16_output", &winograd_bf16_output, "Winograd F(2x2, 3x3): output (bf16, channels-last) from the tile products");
   m.def("winograd_bf16_adjoint", &winograd_bf16_adjoint, "Winograd F(2x2, 3x3): the output transform's adjoint of dy, (16, tiles, Co)");
-  m.def("winograd_bf16_weight", &winograd_bf16_weight, "Winograd F(2x2, 3x3): weight tiles (16, C, Co) bf16 (flip: (16, Co, C), taps reversed)");
+  m.def("winograd_f32_input", &winograd_f32_input, "Winograd F(2x2, 3x3): input tiles (16, tiles, C) of an fp32 channels-last x");
+  m.def("winograd_f32_output", &winograd_f32_output, "Winograd F(2x2, 3x3): output (fp32, channels-last) from the tile products");
+  m.def("winograd_f32_adjoint", &winograd_f32_adjoint, "Winograd F(2x2, 3x3): the output transform's adjoint of an fp32 dy, (16, tiles, Co)");
+  m.def("winograd_weight", &winograd_weight, "Winograd F(2x2, 3x3): weight tiles (16, C, Co), bf16 or fp32 (flip: (16, Co, C), taps reversed)");
   m.def("winograd_weight_grad", &winograd_weight_grad, "Winograd F(2x2, 3x3): weight gradient (Co, C, 3, 3) fp32 from (16, C, Co)");
   m.def("affine_grid", &affine_grid, "sampling grid of (N, 3, 3) maps");
   m.def("affine_sample", &affine_sample, "grid_sample through the grid of (N, 3, 3) maps, in one pass");

@@ -54,14 +54,18 @@ at::Tensor conv3_bf16_backward_input(const at::Tensor& dy, const at::Tensor& w);
 at::Tensor stem_bf16_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 // and the K×K (K odd, at most 7) stride-2 padding-K/2 convolution's weight (and bias) gradient, fp32 (the stem's included)
 std::vector<at::Tensor> convs2_bf16_backward_weight(const at::Tensor& dy, const at::Tensor& x, int64_t K, bool bias);
-// winograd.cpp: Winograd F(2×2, 3×3) transforms for the 3×3 stride-1 padding-1 convolution of bf16 channels-last tensors
-// (AVX-512 BF16 only; the 16 tile products between them are torch.bmm's): input tiles Bᵀ d B, output tiles Aᵀ M A (+ bias),
-// the output transform's adjoint A dy Aᵀ, the weight's G w Gᵀ (flip: for the input gradient) and its gradient Gᵀ dU G
+// winograd.cpp: Winograd F(2×2, 3×3) transforms for the 3×3 stride-1 padding-1 convolution of channels-last tensors, bf16
+// (AVX-512 BF16 only) and fp32 (any build); the 16 tile products between them are torch.bmm's: input tiles Bᵀ d B, output
+// tiles Aᵀ M A (+ bias), the output transform's adjoint A dy Aᵀ, the weight's G w Gᵀ (flip: for the input gradient; bf16
+// or fp32) and its gradient Gᵀ dU G
 bool winograd_bf16_available();
 at::Tensor winograd_bf16_input(const at::Tensor& x);
 at::Tensor winograd_bf16_output(const at::Tensor& m, const at::Tensor& bias, int64_t N, int64_t H, int64_t W);
 at::Tensor winograd_bf16_adjoint(const at::Tensor& dy);
-at::Tensor winograd_bf16_weight(const at::Tensor& w, bool flip);
+at::Tensor winograd_f32_input(const at::Tensor& x);
+at::Tensor winograd_f32_output(const at::Tensor& m, const at::Tensor& bias, int64_t N, int64_t H, int64_t W);
+at::Tensor winograd_f32_adjoint(const at::Tensor& dy);
+at::Tensor winograd_weight(const at::Tensor& w, bool flip, bool bf16);
 at::Tensor winograd_weight_grad(const at::Tensor& du);
 
 // affine_grid.cpp: the sampling grid of a batch of 3×3 (affine or perspective) maps, and the resampling through it in one

@@ -173,16 +173,10 @@ at::Tensor winograd_bf16_adjoint(const at::Tensor& dy) {
 #endif
 }
 
-// w (Co, C, 3, 3), fp32 or bf16 → U (16, C, Co) bf16, U[4a + b][c][o] = (G w[o][c] Gᵀ)[a][b] (summed in fp32);
+// w (Co, C, 3, 3), fp32 or bf16 → U (16, C, Co), U[4a + b][c][o] = (G w[o][c] Gᵀ)[a][b] (summed in fp32), bf16 or fp32;
 // flip: U for the input gradient, (16, Co, C), of w[o][c] with its taps reversed
-at::Tensor winograd_bf16_weight(const at::Tensor& w, bool flip) {
-  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
-              "moonfast kernels: winograd_bf16_weight: expected a (Co, C, 3, 3) fp32 or bf16 weight");
-  const int64_t Co = w.size(0), C = w.size(1);
-  const auto wf = w.to(at::kFloat).contiguous();
-  const float* Wp = wf.data_ptr<float>();
-  auto u = at::empty({16, flip ? Co : C, flip ? C : Co}, w.options().dtype(at::kBFloat16).memory_format(at::MemoryFormat::Contiguous));
-  at::BFloat16* U = u.data_ptr<at::BFloat16>();
+template <typename T>
+static void weight_tiles(const float* Wp, T* U, int64_t Co, int64_t C, bool flip) {
   const int64_t P = C * Co;
   at::parallel_for(0, Co * C, 256, [&](int64_t b0, int64_t b1) {
     for (int64_t oc = b0; oc < b1; ++oc) {
@@ -196,14 +190,25 @@ at::Tensor winograd_bf16_weight(const at::Tensor& w, bool flip) {
       const int64_t at = flip ? o * C + c : c * Co + o;
       for (int a = 0; a < 4; ++a) {   // (G g) Gᵀ
         const float r[4] = {h[a][0], 0.5f * (h[a][0] + h[a][1] + h[a][2]), 0.5f * (h[a][0] - h[a][1] + h[a][2]), h[a][2]};
-        for (int b = 0; b < 4; ++b) U[(4 * a + b) * P + at] = at::BFloat16(r[b]);
+        for (int b = 0; b < 4; ++b) U[(4 * a + b) * P + at] = T(r[b]);
       }
     }
   });
+}
+
+at::Tensor winograd_weight(const at::Tensor& w, bool flip, bool bf16) {
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+              "moonfast kernels: winograd_weight: expected a (Co, C, 3, 3) fp32 or bf16 weight");
+  const int64_t Co = w.size(0), C = w.size(1);
+  const auto wf = w.to(at::kFloat).contiguous();
+  auto u = at::empty({16, flip ? Co : C, flip ? C : Co},
+                     w.options().dtype(bf16 ? at::kBFloat16 : at::kFloat).memory_format(at::MemoryFormat::Contiguous));
+  if (bf16) weight_tiles(wf.data_ptr<float>(), u.data_ptr<at::BFloat16>(), Co, C, flip);
+  else weight_tiles(wf.data_ptr<float>(), u.data_ptr<float>(), Co, C, flip);
   return u;
 }
 
-// dU (16, C, Co) (bf16 or fp32) → dw (Co, C, 3, 3) fp32: Gᵀ dU[:, c, o] G, the gradient of winograd_bf16_weight (unflipped)
+// dU (16, C, Co) (bf16 or fp32) → dw (Co, C, 3, 3) fp32: Gᵀ dU[:, c, o] G, the gradient of winograd_weight (unflipped)
 at::Tensor winograd_weight_grad(const at::Tensor& du) {
   TORCH_CHECK(du.dim() == 3 && du.size(0) == 16 && (du.scalar_type() == at::kFloat || du.scalar_type() == at::kBFloat16),
               "moonfast kernels: winograd_weight_grad: expected a (16, C, Co) fp32 or bf16 tensor");
@@ -230,4 +235,128 @@ at::Tensor winograd_weight_grad(const at::Tensor& du) {
     }
   });
   return dw;
+}
+
+// ---- the same in fp32, for any instruction set (AVX2 or AVX-512; the loops over channels are vectorised by the compiler) ----
+// oneDNN's fp32 wide layers run near the fp32 matmul's rate too, so Winograd's 2.25× fewer products pay there as well
+// (the products are then torch.bmm's fp32 matmul). Each tile's 4×4 input rows (or 2×2 output-gradient rows) are read
+// through pointers, a row of zeros standing in beyond the image, and the cut-off outputs of an odd size go to a scratch row.
+
+static void check_f32(const at::Tensor& x, const char* what, const char* fn) {
+  check_cl(x, what);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "moonfast kernels: ", fn, " takes an fp32 tensor");
+}
+
+// V[k] row t = (Bᵀ d B)[k] of the 16 rows d (d[4a + b]: patch row a, column b)
+static inline void input_tile(const float* const* d, float* const* o, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    float e[4][4];
+    for (int b = 0; b < 4; ++b) {
+      const float d0 = d[b][c], d1 = d[4 + b][c], d2 = d[8 + b][c], d3 = d[12 + b][c];
+      e[0][b] = d0 - d2; e[1][b] = d1 + d2; e[2][b] = d2 - d1; e[3][b] = d1 - d3;
+    }
+    for (int a = 0; a < 4; ++a) {
+      o[4 * a][c] = e[a][0] - e[a][2]; o[4 * a + 1][c] = e[a][1] + e[a][2];
+      o[4 * a + 2][c] = e[a][2] - e[a][1]; o[4 * a + 3][c] = e[a][1] - e[a][3];
+    }
+  }
+}
+
+at::Tensor winograd_f32_input(const at::Tensor& x) {
+  check_f32(x, "x", "winograd_f32_input");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), TH = (H + 1) / 2, TW = (W + 1) / 2, T = N * TH * TW;
+  auto v = at::empty({16, T, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* X = x.data_ptr<float>();
+  float* V = v.data_ptr<float>();
+  const std::vector<float> zero(C, 0.f);
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    const float* d[16]; float* o[16];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / (TH * TW), ty = (t / TW) % TH, tx = t % TW;
+      for (int a = 0; a < 4; ++a)
+        for (int b = 0; b < 4; ++b) {
+          const int64_t y = 2 * ty - 1 + a, xx = 2 * tx - 1 + b;
+          d[4 * a + b] = (y >= 0 && y < H && xx >= 0 && xx < W) ? X + ((n * H + y) * W + xx) * C : zero.data();
+        }
+      for (int k = 0; k < 16; ++k) o[k] = V + (k * T + t) * C;
+      input_tile(d, o, C);
+    }
+  });
+  return v;
+}
+
+at::Tensor winograd_f32_output(const at::Tensor& mm, const at::Tensor& bias, int64_t N, int64_t H, int64_t W) {
+  TORCH_CHECK(N >= 1 && H >= 1 && W >= 1, "moonfast kernels: winograd_f32_output: expected a batch and image size of at least 1");
+  const int64_t TH = (H + 1) / 2, TW = (W + 1) / 2, T = N * TH * TW;
+  TORCH_CHECK(mm.dim() == 3 && mm.size(0) == 16 && mm.size(1) == T && mm.is_contiguous() && mm.scalar_type() == at::kFloat,
+              "moonfast kernels: expected M to be a contiguous fp32 (16, ", T, ", channels) tensor of tile products");
+  const int64_t Co = mm.size(2);
+  TORCH_CHECK(bias.numel() == 0 || (bias.numel() == Co && bias.scalar_type() == at::kFloat && bias.is_contiguous()),
+              "moonfast kernels: winograd_f32_output: expected an empty bias or ", Co, " fp32 values");
+  auto y = at::empty({N, Co, H, W}, mm.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const float* M = mm.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const std::vector<float> zero(Co, 0.f);
+  const float* B = bias.numel() ? bias.data_ptr<float>() : zero.data();
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scratch(Co);
+    const float* m[16]; float* q[4];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / (TH * TW), ty = (t / TW) % TH, tx = t % TW;
+      for (int k = 0; k < 16; ++k) m[k] = M + (k * T + t) * Co;
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) {
+          const int64_t yy = 2 * ty + i, xx = 2 * tx + j;
+          q[2 * i + j] = (yy < H && xx < W) ? Y + ((n * H + yy) * W + xx) * Co : scratch.data();
+        }
+#pragma omp simd
+      for (int64_t c = 0; c < Co; ++c) {
+        float s[2][4];
+        for (int b = 0; b < 4; ++b) {   // Aᵀ M
+          const float m0 = m[b][c], m1 = m[4 + b][c], m2 = m[8 + b][c], m3 = m[12 + b][c];
+          s[0][b] = m0 + m1 + m2; s[1][b] = m1 - m2 - m3;
+        }
+        for (int i = 0; i < 2; ++i) {   // (Aᵀ M) A + bias
+          q[2 * i][c] = s[i][0] + s[i][1] + s[i][2] + B[c];
+          q[2 * i + 1][c] = s[i][1] - s[i][2] - s[i][3] + B[c];
+        }
+      }
+    }
+  });
+  return y;
+}
+
+at::Tensor winograd_f32_adjoint(const at::Tensor& dy) {
+  check_f32(dy, "dy", "winograd_f32_adjoint");
+  const int64_t N = dy.size(0), Co = dy.size(1), H = dy.size(2), W = dy.size(3), TH = (H + 1) / 2, TW = (W + 1) / 2, T = N * TH * TW;
+  auto v = at::empty({16, T, Co}, dy.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* D = dy.data_ptr<float>();
+  float* V = v.data_ptr<float>();
+  const std::vector<float> zero(Co, 0.f);
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    const float* g[4]; float* o[16];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / (TH * TW), ty = (t / TW) % TH, tx = t % TW;
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) {
+          const int64_t yy = 2 * ty + i, xx = 2 * tx + j;
+          g[2 * i + j] = (yy < H && xx < W) ? D + ((n * H + yy) * W + xx) * Co : zero.data();
+        }
+      for (int k = 0; k < 16; ++k) o[k] = V + (k * T + t) * Co;
+#pragma omp simd
+      for (int64_t c = 0; c < Co; ++c) {
+        float r[4][2];   // A g
+        for (int j = 0; j < 2; ++j) {
+          const float g0 = g[j][c], g1 = g[2 + j][c];
+          r[0][j] = g0; r[1][j] = g0 + g1; r[2][j] = g0 - g1; r[3][j] = -g1;
+        }
+        for (int a = 0; a < 4; ++a) {   // (A g) Aᵀ
+          o[4 * a][c] = r[a][0]; o[4 * a + 1][c] = r[a][0] + r[a][1];
+          o[4 * a + 2][c] = r[a][0] - r[a][1]; o[4 * a + 3][c] = -r[a][1];
+        }
+      }
+    }
+  });
+  return v;
 }
