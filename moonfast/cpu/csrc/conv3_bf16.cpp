@@ -23,6 +23,7 @@ bool conv3_bf16_available() {
 
 #if defined(__AVX512BF16__)
 // channels-last [N, C, H, W] bf16 -> [N][C][S + Lp + S] planes: pixel (y, x) at S + (y + 1)(W + 2) + x + 1, zeros elsewhere
+// (an even C by register transposes of channel pairs, an odd one value by value)
 static at::Tensor to_planes(const at::Tensor& x, int64_t S, int64_t Lp) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), W2 = W + 2, R = S + Lp + S;
   auto out = at::empty({N, C, R}, x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -35,15 +36,43 @@ static at::Tensor to_planes(const at::Tensor& x, int64_t S, int64_t Lp) {
       std::memset(d + S + (H + 1) * W2, 0, sizeof(uint16_t) * (R - S - (H + 1) * W2));  // bottom border row, tail
     }
   });
+  // the 16-bit words at even (odd) positions of two vectors: channel 2p (2p + 1) of 32 pixels
+  const __m512i even16 = _mm512_set_epi16(62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32,
+                                          30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd16 = _mm512_add_epi16(even16, _mm512_set1_epi16(1));
   at::parallel_for(0, N * H, 4, [&](int64_t b, int64_t e) {
     for (int64_t nh = b; nh < e; ++nh) {
       const int64_t n = nh / H, y = nh % H;
       const uint16_t* s = src + nh * W * C;
       uint16_t* d0 = dst + n * C * R + S + (y + 1) * W2;
-      for (int64_t c = 0; c < C; ++c) {
-        uint16_t* d = d0 + c * R;
-        d[0] = 0; d[W + 1] = 0;
-        for (int64_t xx = 0; xx < W; ++xx) d[xx + 1] = s[xx * C + c];
+      for (int64_t c = 0; c < C; ++c) { d0[c * R] = 0; d0[c * R + W + 1] = 0; }
+      if (C % 2) {   // odd (an RGB input): one value at a time
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t xx = 0; xx < W; ++xx) d0[c * R + xx + 1] = s[xx * C + c];
+        continue;
+      }
+      // even: 32 pixels × 16 channel pairs at a time, as dwords; two 16×16 transposes give each pair's 32 pixels, whose
+      // low and high halves (the pair's two channels) are then gathered apart
+      const uint32_t* sp = reinterpret_cast<const uint32_t*>(s);
+      const int64_t CP = C / 2;
+      for (int64_t x0 = 0; x0 < W; x0 += 32) {
+        const int64_t np = std::min<int64_t>(32, W - x0);
+        const __mmask32 m = np >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << np) - 1);
+        for (int64_t p0 = 0; p0 < CP; p0 += 16) {
+          const int64_t pn = std::min<int64_t>(16, CP - p0);
+          const __mmask16 lm = pn >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << pn) - 1);
+          __m512 a[16], b[16];
+          for (int i = 0; i < 16; ++i) {
+            a[i] = i < np ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(lm, sp + (x0 + i) * CP + p0)) : _mm512_setzero_ps();
+            b[i] = i + 16 < np ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(lm, sp + (x0 + 16 + i) * CP + p0)) : _mm512_setzero_ps();
+          }
+          transpose16x16(a); transpose16x16(b);
+          for (int q = 0; q < pn; ++q) {
+            const __m512i ai = _mm512_castps_si512(a[q]), bi = _mm512_castps_si512(b[q]);
+            _mm512_mask_storeu_epi16(d0 + 2 * (p0 + q) * R + x0 + 1, m, _mm512_permutex2var_epi16(ai, even16, bi));
+            _mm512_mask_storeu_epi16(d0 + (2 * (p0 + q) + 1) * R + x0 + 1, m, _mm512_permutex2var_epi16(ai, odd16, bi));
+          }
+        }
       }
     }
   });
