@@ -42,46 +42,95 @@ static inline void store_bf16(uint16_t* p, __mmask16 m, __m512 v) {   // fp32 �
 static inline __mmask16 lanes16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 #endif
 
-// x (N, C, H, W) channels-last bf16 → V (16, T, C) bf16, T = N·⌈H/2⌉·⌈W/2⌉ tiles in (n, ty, tx) order:
-// V[4a + b][t] = (Bᵀ d B)[a][b], d the 4×4 patch at rows 2ty - 1 .. 2ty + 2, columns 2tx - 1 .. 2tx + 2 (zeros outside)
+// x (N, C, H, W) channels-last → (16, T, C) of x's element type E, T = N·⌈H/2⌉·⌈W/2⌉ tiles in (n, ty, tx) order: `tile`
+// of each tile's K×K pixel rows (C values each), from row 2ty + first and column 2tx + first on, a row of zeros standing in
+// beyond the image, into its 16 output rows. K = 4, first = -1: the input tiles Bᵀ d B; K = 2, first = 0: the adjoint A dy Aᵀ
+template <int K, typename E, typename Tile>
+static at::Tensor to_tiles(const at::Tensor& x, int64_t first, Tile tile) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), TH = (H + 1) / 2, TW = (W + 1) / 2, T = N * TH * TW;
+  auto v = at::empty({16, T, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const E* X = reinterpret_cast<const E*>(x.data_ptr());
+  E* V = reinterpret_cast<E*>(v.data_ptr());
+  const std::vector<E> zero(C, E(0));
+  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+    const E* d[K * K]; E* o[16];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / (TH * TW), ty = (t / TW) % TH, tx = t % TW;
+      for (int a = 0; a < K; ++a)
+        for (int b = 0; b < K; ++b) {
+          const int64_t y = 2 * ty + first + a, xx = 2 * tx + first + b;
+          d[K * a + b] = (y >= 0 && y < H && xx >= 0 && xx < W) ? X + ((n * H + y) * W + xx) * C : zero.data();
+        }
+      for (int k = 0; k < 16; ++k) o[k] = V + (k * T + t) * C;
+      tile(d, o, C);
+    }
+  });
+  return v;
+}
+
+#if defined(__AVX512BF16__)
+// bf16 rows: the input tile Bᵀ d B of the 16 rows d (d[4a + b]: patch row a, column b), 16 channels at a time
+static void input_tile_bf16(const uint16_t* const* d, uint16_t* const* o, int64_t C) {
+  for (int64_t c0 = 0; c0 < C; c0 += 16) {
+    const __mmask16 m = lanes16(C - c0);
+    __m512 e[4][4];
+    for (int b = 0; b < 4; ++b) {   // Bᵀ d, column by column
+      const __m512 d0 = load_bf16(d[b] + c0, m), d1 = load_bf16(d[4 + b] + c0, m);
+      const __m512 d2 = load_bf16(d[8 + b] + c0, m), d3 = load_bf16(d[12 + b] + c0, m);
+      e[0][b] = _mm512_sub_ps(d0, d2); e[1][b] = _mm512_add_ps(d1, d2);
+      e[2][b] = _mm512_sub_ps(d2, d1); e[3][b] = _mm512_sub_ps(d1, d3);
+    }
+    for (int a = 0; a < 4; ++a) {   // (Bᵀ d) B, row by row
+      store_bf16(o[4 * a] + c0, m, _mm512_sub_ps(e[a][0], e[a][2]));
+      store_bf16(o[4 * a + 1] + c0, m, _mm512_add_ps(e[a][1], e[a][2]));
+      store_bf16(o[4 * a + 2] + c0, m, _mm512_sub_ps(e[a][2], e[a][1]));
+      store_bf16(o[4 * a + 3] + c0, m, _mm512_sub_ps(e[a][1], e[a][3]));
+    }
+  }
+}
+
+// bf16 rows: the adjoint A g Aᵀ of the 4 rows g (g[2i + j]: output row i, column j), A = (1 0; 1 1; 1 -1; 0 -1)
+static void adjoint_tile_bf16(const uint16_t* const* g, uint16_t* const* o, int64_t C) {
+  const __m512 z = _mm512_setzero_ps();
+  for (int64_t c0 = 0; c0 < C; c0 += 16) {
+    const __mmask16 m = lanes16(C - c0);
+    __m512 r[4][2];   // A g
+    for (int j = 0; j < 2; ++j) {
+      const __m512 g0 = load_bf16(g[j] + c0, m), g1 = load_bf16(g[2 + j] + c0, m);
+      r[0][j] = g0; r[1][j] = _mm512_add_ps(g0, g1); r[2][j] = _mm512_sub_ps(g0, g1); r[3][j] = _mm512_sub_ps(z, g1);
+    }
+    for (int a = 0; a < 4; ++a) {   // (A g) Aᵀ
+      store_bf16(o[4 * a] + c0, m, r[a][0]);
+      store_bf16(o[4 * a + 1] + c0, m, _mm512_add_ps(r[a][0], r[a][1]));
+      store_bf16(o[4 * a + 2] + c0, m, _mm512_sub_ps(r[a][0], r[a][1]));
+      store_bf16(o[4 * a + 3] + c0, m, _mm512_sub_ps(z, r[a][1]));
+    }
+  }
+}
+#endif
+
+// x (N, C, H, W) channels-last bf16 → V (16, T, C) bf16: V[4a + b][t] = (Bᵀ d B)[a][b], d the 4×4 patch at rows
+// 2ty - 1 .. 2ty + 2, columns 2tx - 1 .. 2tx + 2 (zeros outside)
 at::Tensor winograd_bf16_input(const at::Tensor& x) {
   check_cl(x, "x");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "moonfast kernels: winograd_bf16_input takes a bf16 tensor");
 #if defined(__AVX512BF16__)
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), TH = (H + 1) / 2, TW = (W + 1) / 2, T = N * TH * TW;
-  auto v = at::empty({16, T, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  const uint16_t* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  uint16_t* V = reinterpret_cast<uint16_t*>(v.data_ptr());
-  const int64_t P = T * C;   // one position's plane
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = t / (TH * TW), ty = (t / TW) % TH, tx = t % TW;
-      const uint16_t* row[4]; const uint16_t* at_[4][4];
-      for (int a = 0; a < 4; ++a) { const int64_t y = 2 * ty - 1 + a; row[a] = (y >= 0 && y < H) ? X + (n * H + y) * W * C : nullptr; }
-      for (int a = 0; a < 4; ++a)
-        for (int b = 0; b < 4; ++b) { const int64_t xx = 2 * tx - 1 + b; at_[a][b] = (row[a] && xx >= 0 && xx < W) ? row[a] + xx * C : nullptr; }
-      for (int64_t c0 = 0; c0 < C; c0 += 16) {
-        const __mmask16 m = lanes16(C - c0);
-        __m512 e[4][4];
-        for (int b = 0; b < 4; ++b) {   // Bᵀ d, column by column
-          __m512 d[4];
-          for (int a = 0; a < 4; ++a) d[a] = at_[a][b] ? load_bf16(at_[a][b] + c0, m) : _mm512_setzero_ps();
-          e[0][b] = _mm512_sub_ps(d[0], d[2]); e[1][b] = _mm512_add_ps(d[1], d[2]);
-          e[2][b] = _mm512_sub_ps(d[2], d[1]); e[3][b] = _mm512_sub_ps(d[1], d[3]);
-        }
-        for (int a = 0; a < 4; ++a) {   // (Bᵀ d) B, row by row
-          uint16_t* o = V + 4 * a * P + t * C + c0;
-          store_bf16(o, m, _mm512_sub_ps(e[a][0], e[a][2]));
-          store_bf16(o + P, m, _mm512_add_ps(e[a][1], e[a][2]));
-          store_bf16(o + 2 * P, m, _mm512_sub_ps(e[a][2], e[a][1]));
-          store_bf16(o + 3 * P, m, _mm512_sub_ps(e[a][1], e[a][3]));
-        }
-      }
-    }
-  });
-  return v;
+  return to_tiles<4, uint16_t>(x, -1, input_tile_bf16);
 #else
   TORCH_CHECK(false, "moonfast kernels: winograd_bf16_input needs AVX-512 BF16, which this build lacks");
+  return {};
+#endif
+}
+
+// dy (N, Co, H, W) channels-last bf16 → dM (16, T, Co) bf16: each tile's A dy Aᵀ (the adjoint of the output transform;
+// outputs beyond the image count as 0)
+at::Tensor winograd_bf16_adjoint(const at::Tensor& dy) {
+  check_cl(dy, "dy");
+  TORCH_CHECK(dy.scalar_type() == at::kBFloat16, "moonfast kernels: winograd_bf16_adjoint takes a bf16 tensor");
+#if defined(__AVX512BF16__)
+  return to_tiles<2, uint16_t>(dy, 0, adjoint_tile_bf16);
+#else
+  TORCH_CHECK(false, "moonfast kernels: winograd_bf16_adjoint needs AVX-512 BF16, which this build lacks");
   return {};
 #endif
 }
@@ -124,51 +173,6 @@ at::Tensor winograd_bf16_output(const at::Tensor& mm, const at::Tensor& bias, in
   return y;
 #else
   TORCH_CHECK(false, "moonfast kernels: winograd_bf16_output needs AVX-512 BF16, which this build lacks");
-  return {};
-#endif
-}
-
-// dy (N, Co, H, W) channels-last bf16 → dM (16, T, Co) bf16: each tile's A dy Aᵀ (the adjoint of the output transform;
-// outputs beyond the image count as 0)
-at::Tensor winograd_bf16_adjoint(const at::Tensor& dy) {
-  check_cl(dy, "dy");
-  TORCH_CHECK(dy.scalar_type() == at::kBFloat16, "moonfast kernels: winograd_bf16_adjoint takes a bf16 tensor");
-#if defined(__AVX512BF16__)
-  const int64_t N = dy.size(0), Co = dy.size(1), H = dy.size(2), W = dy.size(3), TH = (H + 1) / 2, TW = (W + 1) / 2, T = N * TH * TW;
-  auto v = at::empty({16, T, Co}, dy.options().memory_format(at::MemoryFormat::Contiguous));
-  const uint16_t* D = reinterpret_cast<const uint16_t*>(dy.data_ptr());
-  uint16_t* V = reinterpret_cast<uint16_t*>(v.data_ptr());
-  const int64_t P = T * Co;
-  const __m512 z = _mm512_setzero_ps();
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = t / (TH * TW), ty = (t / TW) % TH, tx = t % TW;
-      for (int64_t c0 = 0; c0 < Co; c0 += 16) {
-        const __mmask16 m = lanes16(Co - c0);
-        __m512 g[2][2];
-        for (int i = 0; i < 2; ++i)
-          for (int j = 0; j < 2; ++j) {
-            const int64_t yy = 2 * ty + i, xx = 2 * tx + j;
-            g[i][j] = (yy < H && xx < W) ? load_bf16(D + ((n * H + yy) * W + xx) * Co + c0, m) : z;
-          }
-        __m512 r[4][2];   // A g, A = (1 0; 1 1; 1 -1; 0 -1)
-        for (int j = 0; j < 2; ++j) {
-          r[0][j] = g[0][j]; r[1][j] = _mm512_add_ps(g[0][j], g[1][j]);
-          r[2][j] = _mm512_sub_ps(g[0][j], g[1][j]); r[3][j] = _mm512_sub_ps(z, g[1][j]);
-        }
-        for (int a = 0; a < 4; ++a) {   // (A g) Aᵀ
-          uint16_t* o = V + 4 * a * P + t * Co + c0;
-          store_bf16(o, m, r[a][0]);
-          store_bf16(o + P, m, _mm512_add_ps(r[a][0], r[a][1]));
-          store_bf16(o + 2 * P, m, _mm512_sub_ps(r[a][0], r[a][1]));
-          store_bf16(o + 3 * P, m, _mm512_sub_ps(z, r[a][1]));
-        }
-      }
-    }
-  });
-  return v;
-#else
-  TORCH_CHECK(false, "moonfast kernels: winograd_bf16_adjoint needs AVX-512 BF16, which this build lacks");
   return {};
 #endif
 }
@@ -263,27 +267,30 @@ static inline void input_tile(const float* const* d, float* const* o, int64_t C)
   }
 }
 
+// the adjoint of the output transform, A g Aᵀ, of the 4 rows g (g[2i + j]: output row i, column j)
+static inline void adjoint_tile(const float* const* g, float* const* o, int64_t C) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    float r[4][2];   // A g, A = (1 0; 1 1; 1 -1; 0 -1)
+    for (int j = 0; j < 2; ++j) {
+      const float g0 = g[j][c], g1 = g[2 + j][c];
+      r[0][j] = g0; r[1][j] = g0 + g1; r[2][j] = g0 - g1; r[3][j] = -g1;
+    }
+    for (int a = 0; a < 4; ++a) {   // (A g) Aᵀ
+      o[4 * a][c] = r[a][0]; o[4 * a + 1][c] = r[a][0] + r[a][1];
+      o[4 * a + 2][c] = r[a][0] - r[a][1]; o[4 * a + 3][c] = -r[a][1];
+    }
+  }
+}
+
 at::Tensor winograd_f32_input(const at::Tensor& x) {
   check_f32(x, "x", "winograd_f32_input");
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), TH = (H + 1) / 2, TW = (W + 1) / 2, T = N * TH * TW;
-  auto v = at::empty({16, T, C}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  const float* X = x.data_ptr<float>();
-  float* V = v.data_ptr<float>();
-  const std::vector<float> zero(C, 0.f);
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-    const float* d[16]; float* o[16];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = t / (TH * TW), ty = (t / TW) % TH, tx = t % TW;
-      for (int a = 0; a < 4; ++a)
-        for (int b = 0; b < 4; ++b) {
-          const int64_t y = 2 * ty - 1 + a, xx = 2 * tx - 1 + b;
-          d[4 * a + b] = (y >= 0 && y < H && xx >= 0 && xx < W) ? X + ((n * H + y) * W + xx) * C : zero.data();
-        }
-      for (int k = 0; k < 16; ++k) o[k] = V + (k * T + t) * C;
-      input_tile(d, o, C);
-    }
-  });
-  return v;
+  return to_tiles<4, float>(x, -1, input_tile);
+}
+
+at::Tensor winograd_f32_adjoint(const at::Tensor& dy) {
+  check_f32(dy, "dy", "winograd_f32_adjoint");
+  return to_tiles<2, float>(dy, 0, adjoint_tile);
 }
 
 at::Tensor winograd_f32_output(const at::Tensor& mm, const at::Tensor& bias, int64_t N, int64_t H, int64_t W) {
@@ -325,38 +332,4 @@ at::Tensor winograd_f32_output(const at::Tensor& mm, const at::Tensor& bias, int
     }
   });
   return y;
-}
-
-at::Tensor winograd_f32_adjoint(const at::Tensor& dy) {
-  check_f32(dy, "dy", "winograd_f32_adjoint");
-  const int64_t N = dy.size(0), Co = dy.size(1), H = dy.size(2), W = dy.size(3), TH = (H + 1) / 2, TW = (W + 1) / 2, T = N * TH * TW;
-  auto v = at::empty({16, T, Co}, dy.options().memory_format(at::MemoryFormat::Contiguous));
-  const float* D = dy.data_ptr<float>();
-  float* V = v.data_ptr<float>();
-  const std::vector<float> zero(Co, 0.f);
-  at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
-    const float* g[4]; float* o[16];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = t / (TH * TW), ty = (t / TW) % TH, tx = t % TW;
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) {
-          const int64_t yy = 2 * ty + i, xx = 2 * tx + j;
-          g[2 * i + j] = (yy < H && xx < W) ? D + ((n * H + yy) * W + xx) * Co : zero.data();
-        }
-      for (int k = 0; k < 16; ++k) o[k] = V + (k * T + t) * Co;
-#pragma omp simd
-      for (int64_t c = 0; c < Co; ++c) {
-        float r[4][2];   // A g
-        for (int j = 0; j < 2; ++j) {
-          const float g0 = g[j][c], g1 = g[2 + j][c];
-          r[0][j] = g0; r[1][j] = g0 + g1; r[2][j] = g0 - g1; r[3][j] = -g1;
-        }
-        for (int a = 0; a < 4; ++a) {   // (A g) Aᵀ
-          o[4 * a][c] = r[a][0]; o[4 * a + 1][c] = r[a][0] + r[a][1];
-          o[4 * a + 2][c] = r[a][0] - r[a][1]; o[4 * a + 3][c] = -r[a][1];
-        }
-      }
-    }
-  });
-  return v;
 }
