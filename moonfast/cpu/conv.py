@@ -69,10 +69,10 @@ BF16_MAX_CHANNELS, BF16_MIN_PIXELS = 36, 32 * 32
 # the bf16 forward and input-gradient kernel (3×3 stride 1) keeps its rate on wider inputs (Zen 4, batch 16: 72→36 at 64²
 # forward 352 against oneDNN's 304 GFLOP/s; from 144 input channels oneDNN's is faster)
 BF16_FWD_MAX_CHANNELS = 72
-# Winograd F(2×2, 3×3) in bf16 (transforms `winograd_bf16_*` in csrc/winograd.cpp, the 16 tile products torch.bmm's, i.e.
-# oneDNN's matmul) races on layers with at least this many input and output channels, of any image size: its transforms
-# are vectorised over channels and its products are matrix products over them, slow on fewer (bf16 bmm with 36×18
-# matrices ran at 66 GFLOP/s on the Zen 4, with 72×72 at 376)
+# Winograd F(2×2, 3×3), bf16 or fp32 (transforms `winograd_*` in csrc/winograd.cpp, the 16 tile products torch.bmm's)
+# races on layers with at least this many input and output channels, of any image size: its transforms are vectorised
+# over channels and its products are matrix products over them, slow on fewer (bf16 bmm with 36×18 matrices ran at 66
+# GFLOP/s on the Zen 4, with 72×72 at 376)
 WINO_MIN_CHANNELS = 32
 
 def _bf16_autocast() -> bool: return torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
@@ -94,7 +94,7 @@ def _direct_kernels(x, weight, weight_grad:bool=True) -> bool:
             and ((weight.shape[0] % 2 == 0 and x.shape[1] <= BF16_FWD_MAX_CHANNELS) or (weight_grad and x.shape[1] <= BF16_MAX_CHANNELS)))
 
 def _winograd(x, weight) -> bool:
-    "Whether the bf16 Winograd convolution may race: at least `WINO_MIN_CHANNELS` input and output channels"
+    "Whether the Winograd convolution (bf16 or fp32) may race: at least `WINO_MIN_CHANNELS` input and output channels"
     return min(x.shape[1], weight.shape[0]) >= WINO_MIN_CHANNELS
 
 def conv3x3_bf16_supported(x:Tensor, weight:Tensor, stride=1, padding=1, dilation=1, groups=1, padding_mode:str='zeros') -> bool:
