@@ -161,15 +161,12 @@ class _Conv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b):
         ext, key = cpu_ext(), (tuple(x.shape), w.shape[0], b is not None, torch.get_num_threads())
-        ctx.save_for_backward(x, w); ctx.key, ctx.wino, ctx.tiles = key, _winograd(x, w), None
+        ctx.save_for_backward(x, w); ctx.key, ctx.wino = key, _winograd(x, w)
         bk = _NOBIAS if b is None else b
         kernels = {'kernel': lambda: ext.conv3_forward(x, w, bk)}
         if ctx.wino: kernels['winograd'] = lambda: winograd_conv3x3(x, w, b)[0]
         pick = _choose(('forward',) + key, lambda: F.conv2d(x, w, b, 1, 1), kernels)
-        if pick != 'winograd': return kernels[pick]() if pick else F.conv2d(x, w, b, 1, 1)
-        y, v = winograd_conv3x3(x, w, b)
-        if torch.is_grad_enabled() and w.requires_grad: ctx.tiles = v   # for the weight gradient
-        return y
+        return kernels[pick]() if pick else F.conv2d(x, w, b, 1, 1)
 
     @staticmethod
     @once_differentiable   # no second derivative: a double backward through it is refused, not silently wrong
@@ -181,19 +178,17 @@ class _Conv3x3(torch.autograd.Function):
         onednn = lambda mask: torch.ops.aten.convolution_backward(*args, mask)
         need_x, need_w, need_b = ctx.needs_input_grad
         dx = dw = db = None
-        try:
-            if need_x:
-                kernels = {'kernel': lambda: ext.conv3_backward_input(dy, w)}
-                if ctx.wino: kernels['winograd'] = lambda: winograd_conv3x3(dy, w, flip=True)[0]
-                pick = _choose(('input',) + key, lambda: onednn([True, False, False]), kernels)
-                dx = kernels[pick]() if pick else onednn([True, False, False])[0]
-            if need_w or need_b:
-                kernels = {'kernel': lambda: ext.conv3_backward_weight(dy, x, bias)}
-                if ctx.wino: kernels['winograd'] = lambda: winograd_conv3x3_weight_grad(dy, x, ctx.tiles, bias)
-                pick = _choose(('weight',) + key, lambda: onednn([False, True, bias]), kernels)
-                if pick: dw, db = kernels[pick]()
-                else: _, dw, db = onednn([False, True, bias])
-        finally: ctx.tiles = None
+        if need_x:
+            kernels = {'kernel': lambda: ext.conv3_backward_input(dy, w)}
+            if ctx.wino: kernels['winograd'] = lambda: winograd_conv3x3(dy, w, flip=True)[0]
+            pick = _choose(('input',) + key, lambda: onednn([True, False, False]), kernels)
+            dx = kernels[pick]() if pick else onednn([True, False, False])[0]
+        if need_w or need_b:
+            kernels = {'kernel': lambda: ext.conv3_backward_weight(dy, x, bias)}
+            if ctx.wino: kernels['winograd'] = lambda: winograd_conv3x3_weight_grad(dy, x, bias=bias)
+            pick = _choose(('weight',) + key, lambda: onednn([False, True, bias]), kernels)
+            if pick: dw, db = kernels[pick]()
+            else: _, dw, db = onednn([False, True, bias])
         return dx, (dw if need_w else None), (db if need_b else None)
 
 def conv3x3(x:Tensor, weight:Tensor, bias:Tensor|None=None) -> Tensor:
@@ -308,7 +303,7 @@ class _Conv3x3BF16(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b):
         xb, wb, bb = _bf16_copies(ctx, x, w, b)
-        ctx.direct, ctx.wino, ctx.tiles = _direct_kernels(x, w), _winograd(x, w), None
+        ctx.direct, ctx.wino = _direct_kernels(x, w), _winograd(x, w)
         def theirs():
             with torch.autocast('cpu', enabled=False): return F.conv2d(xb, wb, bb, 1, 1)
         kernels = {}
@@ -316,10 +311,7 @@ class _Conv3x3BF16(torch.autograd.Function):
             kernels['kernel'] = lambda: cpu_ext().conv3_bf16_forward(xb, wb, _NOBIAS if bb is None else bb)
         if ctx.wino: kernels['winograd'] = lambda: winograd_conv3x3(xb, wb, bb)[0]
         pick = _choose(('forward bf16',) + ctx.key, theirs, kernels)
-        if pick != 'winograd': return kernels[pick]() if pick else theirs()
-        y, v = winograd_conv3x3(xb, wb, bb)
-        if torch.is_grad_enabled() and w.requires_grad: ctx.tiles = v   # for the weight gradient
-        return y
+        return kernels[pick]() if pick else theirs()
 
     @staticmethod
     @once_differentiable
@@ -328,9 +320,8 @@ class _Conv3x3BF16(torch.autograd.Function):
         if ctx.direct and C % 2 == 0: dx_kernels['kernel'] = lambda d, w: cpu_ext().conv3_bf16_backward_input(d, w)
         if ctx.wino: dx_kernels['winograd'] = lambda d, w: winograd_conv3x3(d, w, flip=True)[0]
         if ctx.direct and C <= BF16_MAX_CHANNELS: dw_kernels['kernel'] = lambda *a: cpu_ext().conv3_bf16_backward_weight(*a)
-        if ctx.wino: dw_kernels['winograd'] = lambda d, x, b: winograd_conv3x3_weight_grad(d, x, ctx.tiles, b)
-        try: return _bf16_backward(ctx, dy, 1, 1, 'weight bf16', dw_kernels, dx_kernels)
-        finally: ctx.tiles = None
+        if ctx.wino: dw_kernels['winograd'] = lambda d, x, b: winograd_conv3x3_weight_grad(d, x, bias=b)
+        return _bf16_backward(ctx, dy, 1, 1, 'weight bf16', dw_kernels, dx_kernels)
 
 class _ConvS2BF16(torch.autograd.Function):
     "K×K stride-2 padding-K//2 convolution under CPU bf16 autocast, computed as autocast computes it (oneDNN on bf16 copies of input, weight and bias) except, each where that is faster (`_use_kernel`), a ResNet stem's forward and the weight and bias gradients: moonfast's AVX-512 BF16 kernels, the same bf16 products summed in fp32"
