@@ -212,21 +212,22 @@ at::Tensor winograd_weight(const at::Tensor& w, bool flip, bool bf16) {
   return u;
 }
 
-// dU (16, C, Co) (bf16 or fp32) → dw (Co, C, 3, 3) fp32: Gᵀ dU[:, c, o] G, the gradient of winograd_weight (unflipped)
+// dU (16, C, Co) (bf16 or fp32, any strides: (16, Co, C) transposed is read in place) → dw (Co, C, 3, 3) fp32:
+// Gᵀ dU[:, c, o] G, the gradient of winograd_weight (unflipped)
 at::Tensor winograd_weight_grad(const at::Tensor& du) {
   TORCH_CHECK(du.dim() == 3 && du.size(0) == 16 && (du.scalar_type() == at::kFloat || du.scalar_type() == at::kBFloat16),
               "moonfast kernels: winograd_weight_grad: expected a (16, C, Co) fp32 or bf16 tensor");
   const int64_t C = du.size(1), Co = du.size(2);
-  const auto df = du.to(at::kFloat).contiguous();
+  const auto df = du.to(at::kFloat);   // keeps du's strides
   const float* D = df.data_ptr<float>();
+  const int64_t sk = df.stride(0), sc = df.stride(1), so = df.stride(2);
   auto dw = at::empty({Co, C, 3, 3}, du.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
   float* Wp = dw.data_ptr<float>();
-  const int64_t P = C * Co;
   at::parallel_for(0, Co * C, 256, [&](int64_t b0, int64_t b1) {
     for (int64_t oc = b0; oc < b1; ++oc) {
       const int64_t o = oc / C, c = oc % C;
       float d[4][4], h[3][4];
-      for (int k = 0; k < 16; ++k) d[k / 4][k % 4] = D[k * P + c * Co + o];
+      for (int k = 0; k < 16; ++k) d[k / 4][k % 4] = D[k * sk + c * sc + o * so];
       for (int b = 0; b < 4; ++b) {   // Gᵀ d
         h[0][b] = d[0][b] + 0.5f * (d[1][b] + d[2][b]); h[1][b] = 0.5f * (d[1][b] - d[2][b]);
         h[2][b] = 0.5f * (d[1][b] + d[2][b]) + d[3][b];
