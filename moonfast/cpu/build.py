@@ -28,10 +28,17 @@ def onednn_isa_cap() -> str:
     "The instruction set oneDNN is held to by the environment (`ONEDNN_MAX_CPU_ISA`, or the older `DNNL_MAX_CPU_ISA`), upper case; '' when none"
     return (os.environ.get('ONEDNN_MAX_CPU_ISA') or os.environ.get('DNNL_MAX_CPU_ISA') or '').strip().upper()
 
+# the AVX-512 extensions newer than Skylake-SP's (F, CD, BW, DQ, VL) that `-march=native` turns on and that a compiler
+# may use unasked; AMX and FP16 are left out (moonfast's code has no such types, and GCC before 11 and 12 lacks the flags)
+_AVX512_LATER = ('-mno-avx512vnni', '-mno-avx512bf16', '-mno-avx512vbmi', '-mno-avx512vbmi2', '-mno-avx512ifma',
+                '-mno-avx512bitalg', '-mno-avx512vpopcntdq')
+
 def isa_flags(cap:str=None) -> list[str]: # oneDNN's hold (default: `onednn_isa_cap()`)
-    "Compiler flags that hold moonfast's kernels where oneDNN is held (x86): a machine imitating an older CPU builds them as that CPU would"
+    "Compiler flags that hold moonfast's kernels where oneDNN is held (x86): a machine imitating an older CPU builds them as that CPU would (AVX512_CORE: a Skylake-SP; AVX512_CORE_VNNI: a Cascade or Ice Lake, AVX-512 without bf16)"
     if platform.machine().lower() not in ('x86_64', 'amd64'): return []
     cap = onednn_isa_cap() if cap is None else cap.strip().upper()
+    if cap == 'AVX512_CORE': return list(_AVX512_LATER)
+    if cap == 'AVX512_CORE_VNNI': return [f for f in _AVX512_LATER if f != '-mno-avx512vnni']
     if cap.startswith('AVX2'): return ['-mno-avx512f']
     if cap == 'AVX': return ['-mno-avx512f', '-mno-avx2', '-mno-fma']
     if cap.startswith('SSE'): return ['-mno-avx512f', '-mno-avx2', '-mno-fma', '-mno-avx']
