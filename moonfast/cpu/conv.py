@@ -332,8 +332,9 @@ class _Conv3x3BF16(torch.autograd.Function):
         if ctx.wino: dx_kernels['winograd'] = lambda d, w: winograd_conv3x3(d, w, flip=True)[0]
         if ctx.direct and C <= BF16_MAX_CHANNELS: dw_kernels['kernel'] = lambda *a: cpu_ext().conv3_bf16_backward_weight(*a)
         if ctx.wino: dw_kernels['winograd'] = lambda d, x, b: winograd_conv3x3_weight_grad(d, x, ctx.tiles, b)
-        try: return _bf16_backward(ctx, dy, 1, 1, 'weight bf16', dw_kernels, dx_kernels)
-        finally: ctx.tiles = None
+        grads = _bf16_backward(ctx, dy, 1, 1, 'weight bf16', dw_kernels, dx_kernels)
+        ctx.tiles = None
+        return grads
 
 class _ConvS2BF16(torch.autograd.Function):
     "K×K stride-2 padding-K//2 convolution under CPU bf16 autocast, computed as autocast computes it (oneDNN on bf16 copies of input, weight and bias) except, each where that is faster (`_use_kernel`), a ResNet stem's forward and the weight and bias gradients: moonfast's AVX-512 BF16 kernels, the same bf16 products summed in fp32"
