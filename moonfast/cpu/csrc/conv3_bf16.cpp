@@ -26,7 +26,8 @@ bool conv3_bf16_available() {
 // `dst`: pixel (y, x) at S + (y + 1)(W + 2) + x + 1, zeros elsewhere (an even C by register transposes of channel pairs,
 // an odd one value by value). A thread makes a sample's planes just before it uses them, so they are written to and
 // read from its caches. Made for the whole batch first (30 MB for 36→18 at 128², batch 16), they took about a third of
-// the kernel's time on the Zen 4 EPYC; made this way, the kernel ran 1.07-1.21× faster on the U-Net's narrow layers.
+// the kernel's time on the Zen 4 EPYC; made this way, the kernel ran 1.05-1.21× faster on the U-Net's narrow layers
+// (two runs, old and new build alternating).
 static void sample_planes(const uint16_t* src, int64_t C, int64_t H, int64_t W, int64_t S, int64_t Lp, uint16_t* dst) {
   const int64_t W2 = W + 2, R = S + Lp + S;
   for (int64_t c = 0; c < C; ++c) {
