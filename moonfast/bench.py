@@ -19,7 +19,7 @@ from .perf import *
 
 # %% auto #0
 __all__ = ['TASKS', 'BENCH_SYNTH', 'TARGETS', 'bench_data', 'bench_task', 'summarize', 'ratios', 'profile_table', 'check_targets',
-           'run_benchmark', 'report_markdown']
+           'bench_overview', 'run_benchmark', 'report_markdown']
 
 # %% ../nbs/20_bench.ipynb #26fc0444
 TASKS = ('classifier', 'unet')
@@ -213,6 +213,33 @@ def check_targets(summary:pd.DataFrame, # from `summarize` (or read back from re
             add(f"{m} ({b['precision']}): full epoch {'speed-up ×' if what.endswith('×') else '% of FLOP bound'}", val, want)
         a, v = (float(g[g.pipeline == p]['val metric'].iloc[0].split()[1]) for p in ('baseline', 'moonfast'))
         add(f"{m}: val {_METRIC[m]} no worse", v, round(a, 4))
+    return pd.DataFrame(rows)
+
+# %% ../nbs/20_bench.ipynb #2e779f7b
+def bench_overview(runs:list, # (label, folder, note) a run: its CPU class and path in words, a `run_benchmark` output folder, and its commit and date
+                   targets:dict=TARGETS) -> pd.DataFrame: # as in `check_targets`
+    "One row per benchmark run: each model's full-epoch speed-up and % of its FLOP bound, and the targets it missed, by how much"
+    rows = []
+    for run in runs:
+        if len(run) != 3: raise DataError(f"bench_overview: expected (label, folder, note) for each run, got {run!r}")
+        label, folder, note = run
+        f = Path(folder)/'results.csv'
+        if not f.is_file(): raise DataError(f"bench_overview: {f} not found: expected a `moonfast bench` output folder")
+        s = pd.read_csv(f)
+        if not {'model', 'pipeline', 'precision', 'epoch img/s', 'epoch % bound', 'val metric'} <= set(s.columns):
+            raise DataError(f"bench_overview: {f} is not a benchmark's results table (columns {list(s.columns)})")
+        rt, tg = ratios(s).set_index('model'), check_targets(s, targets)
+        mf = s[s.pipeline == 'moonfast'].set_index('model')
+        row = {'CPU class and path': label, 'run': note, 'precision': '/'.join(sorted(set(mf.precision)))}
+        for m in TASKS:
+            have = m in rt.index
+            row[f'{m} epoch ×'] = round(float(rt.loc[m, 'epoch img/s ×']), 2) if have else None
+            row[f'{m} % bound'] = round(float(mf.loc[m, 'epoch % bound']), 1) if have else None
+        miss = tg[~tg['pass']]
+        row['targets'] = ('all met' if miss.empty else
+                          'missed: ' + '; '.join(f"{r.target} {r.measured:.3g} against {r.wanted:g} ({r['margin %']:+.1f}%)"
+                                                 for _, r in miss.iterrows()))
+        rows.append(row)
     return pd.DataFrame(rows)
 
 # %% ../nbs/20_bench.ipynb #1a83b521
