@@ -215,7 +215,7 @@ def check_targets(summary:pd.DataFrame, # from `summarize` (or read back from re
         add(f"{m}: val {_METRIC[m]} no worse", v, round(a, 4))
     return pd.DataFrame(rows)
 
-# %% ../nbs/20_bench.ipynb #2e779f7b
+# %% ../nbs/20_bench.ipynb #ed99170b
 def bench_overview(runs:list, # (label, folder, note) a run: its CPU class and path in words, a `run_benchmark` output folder, and its commit and date
                    targets:dict=TARGETS) -> pd.DataFrame: # as in `check_targets`
     "One row per benchmark run: each model's full-epoch speed-up and % of its FLOP bound, and the targets it missed, by how much"
