@@ -17,6 +17,10 @@ def _fusable(p:Tensor) -> bool:
     return (hasattr(torch, '_fused_adamw_') and p.device.type in ('cpu', 'cuda') and (p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)))
             and p.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16))
 
+def _in_order(t:Tensor) -> Tensor:
+    "`t` as a contiguous view of the same memory: itself, or a channels-last tensor's (N, H, W, C) view, so that the fused kernel does not copy it (it makes a contiguous copy of every gradient that is not)"
+    return t if t.is_contiguous() else t.permute(0, 2, 3, 1)
+
 def _adam_step(p, g, m, v, step, lr, mom, sqr_mom, eps, wd):
     "fastai's `Adam` (decoupled weight decay) on one tensor, in plain PyTorch ops"
     if wd: p.mul_(1 - lr*wd)
@@ -60,6 +64,8 @@ class FusedAdam(Optimizer):
             for (dev, _, wd, n), items in fused.items():
                 ps, gs, sts = zip(*items)
                 t = torch.tensor(float(n), device=dev)
-                torch._fused_adamw_(list(ps), list(gs), [s['grad_avg'] for s in sts], [s['sqr_avg'] for s in sts], [], [t]*len(ps),
+                # every tensor of an item has the parameter's strides: their views in memory order update the same values in place
+                torch._fused_adamw_([_in_order(p) for p in ps], [_in_order(g) for g in gs], [_in_order(s['grad_avg']) for s in sts],
+                                    [_in_order(s['sqr_avg']) for s in sts], [], [t]*len(ps),
                                     lr=float(h['lr']), beta1=float(h['mom']), beta2=float(h['sqr_mom']), weight_decay=float(wd),
                                     eps=float(h['eps']), amsgrad=False, maximize=False)

@@ -179,14 +179,17 @@ at::Tensor winograd_bf16_output(const at::Tensor& mm, const at::Tensor& bias, in
 
 // w (Co, C, 3, 3), fp32 or bf16 → U (16, C, Co), U[4a + b][c][o] = (G w[o][c] Gᵀ)[a][b] (summed in fp32), bf16 or fp32;
 // flip: U for the input gradient, (16, Co, C), of w[o][c] with its taps reversed
-template <typename T>
-static void weight_tiles(const float* Wp, T* U, int64_t Co, int64_t C, bool flip) {
+template <typename S, typename T>
+static void weight_tiles(const S* Wp, const int64_t* st, T* U, int64_t Co, int64_t C, bool flip) {
+  // Wp: w (Co, C, 3, 3) with strides st: a channels-last weight, bf16 or fp32, is read in place, not copied first
   const int64_t P = C * Co;
   at::parallel_for(0, Co * C, 256, [&](int64_t b0, int64_t b1) {
     for (int64_t oc = b0; oc < b1; ++oc) {
       const int64_t o = oc / C, c = oc % C;
+      const S* wp = Wp + o * st[0] + c * st[1];
       float g[3][3], h[4][3];
-      for (int k = 0; k < 9; ++k) g[k / 3][k % 3] = flip ? Wp[oc * 9 + 8 - k] : Wp[oc * 9 + k];
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) g[i][j] = float(flip ? wp[(2 - i) * st[2] + (2 - j) * st[3]] : wp[i * st[2] + j * st[3]]);
       for (int j = 0; j < 3; ++j) {   // G g
         h[0][j] = g[0][j]; h[1][j] = 0.5f * (g[0][j] + g[1][j] + g[2][j]);
         h[2][j] = 0.5f * (g[0][j] - g[1][j] + g[2][j]); h[3][j] = g[2][j];
@@ -203,31 +206,27 @@ static void weight_tiles(const float* Wp, T* U, int64_t Co, int64_t C, bool flip
 at::Tensor winograd_weight(const at::Tensor& w, bool flip, bool bf16) {
   TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
               "moonfast kernels: winograd_weight: expected a (Co, C, 3, 3) fp32 or bf16 weight");
-  const int64_t Co = w.size(0), C = w.size(1);
-  const auto wf = w.to(at::kFloat).contiguous();
+  const int64_t Co = w.size(0), C = w.size(1), st[4] = {w.stride(0), w.stride(1), w.stride(2), w.stride(3)};
   auto u = at::empty({16, flip ? Co : C, flip ? C : Co},
                      w.options().dtype(bf16 ? at::kBFloat16 : at::kFloat).memory_format(at::MemoryFormat::Contiguous));
-  if (bf16) weight_tiles(wf.data_ptr<float>(), u.data_ptr<at::BFloat16>(), Co, C, flip);
-  else weight_tiles(wf.data_ptr<float>(), u.data_ptr<float>(), Co, C, flip);
+  const bool wbf = w.scalar_type() == at::kBFloat16;
+  if (bf16 && wbf) weight_tiles(w.data_ptr<at::BFloat16>(), st, u.data_ptr<at::BFloat16>(), Co, C, flip);
+  else if (bf16) weight_tiles(w.data_ptr<float>(), st, u.data_ptr<at::BFloat16>(), Co, C, flip);
+  else if (wbf) weight_tiles(w.data_ptr<at::BFloat16>(), st, u.data_ptr<float>(), Co, C, flip);
+  else weight_tiles(w.data_ptr<float>(), st, u.data_ptr<float>(), Co, C, flip);
   return u;
 }
 
 // dU (16, C, Co) (bf16 or fp32, any strides: (16, Co, C) transposed is read in place) → dw (Co, C, 3, 3) fp32:
 // Gᵀ dU[:, c, o] G, the gradient of winograd_weight (unflipped)
-at::Tensor winograd_weight_grad(const at::Tensor& du) {
-  TORCH_CHECK(du.dim() == 3 && du.size(0) == 16 && (du.scalar_type() == at::kFloat || du.scalar_type() == at::kBFloat16),
-              "moonfast kernels: winograd_weight_grad: expected a (16, C, Co) fp32 or bf16 tensor");
-  const int64_t C = du.size(1), Co = du.size(2);
-  const auto df = du.to(at::kFloat);   // keeps du's strides
-  const float* D = df.data_ptr<float>();
-  const int64_t sk = df.stride(0), sc = df.stride(1), so = df.stride(2);
-  auto dw = at::empty({Co, C, 3, 3}, du.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
-  float* Wp = dw.data_ptr<float>();
+template <typename S>
+static void weight_grad_tiles(const S* D, int64_t sk, int64_t sc, int64_t so, float* Wp, int64_t Co, int64_t C) {
+  // D: dU (16, C, Co) with strides (sk, sc, so), bf16 or fp32, read in place
   at::parallel_for(0, Co * C, 256, [&](int64_t b0, int64_t b1) {
     for (int64_t oc = b0; oc < b1; ++oc) {
       const int64_t o = oc / C, c = oc % C;
       float d[4][4], h[3][4];
-      for (int k = 0; k < 16; ++k) d[k / 4][k % 4] = D[k * sk + c * sc + o * so];
+      for (int k = 0; k < 16; ++k) d[k / 4][k % 4] = float(D[k * sk + c * sc + o * so]);
       for (int b = 0; b < 4; ++b) {   // Gᵀ d
         h[0][b] = d[0][b] + 0.5f * (d[1][b] + d[2][b]); h[1][b] = 0.5f * (d[1][b] - d[2][b]);
         h[2][b] = 0.5f * (d[1][b] + d[2][b]) + d[3][b];
@@ -239,6 +238,16 @@ at::Tensor winograd_weight_grad(const at::Tensor& du) {
       }
     }
   });
+}
+
+at::Tensor winograd_weight_grad(const at::Tensor& du) {
+  TORCH_CHECK(du.dim() == 3 && du.size(0) == 16 && (du.scalar_type() == at::kFloat || du.scalar_type() == at::kBFloat16),
+              "moonfast kernels: winograd_weight_grad: expected a (16, C, Co) fp32 or bf16 tensor");
+  const int64_t C = du.size(1), Co = du.size(2);
+  const int64_t sk = du.stride(0), sc = du.stride(1), so = du.stride(2);
+  auto dw = at::empty({Co, C, 3, 3}, du.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
+  if (du.scalar_type() == at::kBFloat16) weight_grad_tiles(du.data_ptr<at::BFloat16>(), sk, sc, so, dw.data_ptr<float>(), Co, C);
+  else weight_grad_tiles(du.data_ptr<float>(), sk, sc, so, dw.data_ptr<float>(), Co, C);
   return dw;
 }
 
