@@ -301,7 +301,12 @@ def winograd_conv3x3_weight_grad(dy:Tensor, # (N, Co, H, W) fp32 or bf16, channe
         # the 16 products dU = Vᵀ A, (C, Co) each, with the narrower side as the rows: MKL's batched product took 1.2-1.4×
         # less time that way (Zen 4, bf16: 72→36 at 64² 9.2 → 6.9 ms, 36→72 at 32² 1.5 against 2.0 the other way round)
         du = torch.bmm(v.transpose(1, 2), a) if v.shape[2] <= a.shape[2] else torch.bmm(a.transpose(1, 2), v).transpose(1, 2)
-        return cpu_ext().winograd_weight_grad(du), (dy.sum((0, 2, 3), dtype=torch.float32) if bias else None)
+        return cpu_ext().winograd_weight_grad(du), (_channel_sums(dy) if bias else None)
+
+def _channel_sums(dy:Tensor) -> Tensor:
+    "Per-channel fp32 sums of a channels-last `dy` (a bias gradient): for bf16, batch norm's statistics pass (one read, summed in fp32; 2.6-3× `sum(dtype=float32)`, which makes an fp32 copy first, on the U-Net's 36 to 72 channels at 64² and 32², Zen 4); for fp32, PyTorch's sum"
+    if dy.dtype != torch.bfloat16: return dy.sum((0, 2, 3), dtype=torch.float32)
+    return (cpu_ext().bn_stats(dy)[0] * (dy.shape[0] * dy.shape[2] * dy.shape[3])).float()
 
 def _keep_tiles(ctx, y, v):
     "Winograd's output `y`; its input tiles `v` kept on `ctx` for the weight gradient when the weight needs one (autograd drops them with `ctx`; without a graph, at once)"
