@@ -12,7 +12,7 @@ from .core import DataError
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'register', 'usage', 'main', 'synth', 'train_classifier', 'train_unet', 'parse_seeds', 'compare',
-           'predict', 'export', 'bench']
+           'predict', 'export', 'bench', 'variants']
 
 # %% ../nbs/99_cli.ipynb #45e10b83
 SUBCOMMANDS = {}  # name -> (call_parse function, one-line summary)
@@ -298,6 +298,29 @@ def bench(tasks:str='classifier,unet', # comma-separated: classifier, unet
     print((o/'results.md').read_text())
     print(f"results in {o}")
 
+# %% ../nbs/99_cli.ipynb #c424c5b9
+@call_parse
+def variants(out:str=None, # output folder (default models/variants)
+             tasks:str='unet', # comma-separated: unet, classifier
+             bs:str='', # comma-separated batch sizes for every task (default: U-Net 16,64,256 and classifier 128,512 on CUDA; 16 and 128 on a CPU)
+             size:int=128, # image side
+             n_batches:int=8, # in-memory batches per timing (one untimed)
+             reps:int=3, # rounds of the timings
+             compile:str='auto', # torch.compile variants: auto (on CUDA only), yes or no
+             no_checks:store_true=False): # skip moonfast's chain on the device (training runs, predictor, optimizer)
+    "Time the model's inference and training variants (precision, memory format, CUDA graphs, torch.compile) against plain fp32"
+    from moonfast.variants import device_report
+    from moonfast.core import models_path
+    if compile not in ('auto', 'yes', 'no'): raise DataError(f"--compile {compile!r}: expected auto, yes or no")
+    try: b = tuple(int(x) for x in bs.split(',') if x.strip()) or None
+    except ValueError: raise DataError(f"--bs {bs!r}: expected comma-separated batch sizes, e.g. 16,64") from None
+    o = _path(out) or models_path('variants')
+    device_report(o, tasks=tuple(t for t in tasks.split(',') if t), bs=b, size=size, n_batches=n_batches, reps=reps,
+                  compile=None if compile == 'auto' else compile == 'yes', checks=not no_checks)
+    print((o/'report.md').read_text())
+    print(f"results in {o}: report.md, variants.csv")
+
 # %% ../nbs/99_cli.ipynb #89ae2145
 for _n, _f in (('synth', synth), ('train-classifier', train_classifier), ('train-unet', train_unet),
-               ('compare', compare), ('predict', predict), ('export', export), ('bench', bench)): register(_n, _f)
+               ('compare', compare), ('predict', predict), ('export', export), ('bench', bench),
+               ('variants', variants)): register(_n, _f)

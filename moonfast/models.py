@@ -178,18 +178,24 @@ def _dense_format(t:torch.Tensor):
     return torch.channels_last if cl else torch.contiguous_format
 
 class _CatChannels(torch.autograd.Function):
-    "`torch.cat(ts, 1)` whose backward gives each input a dense gradient in that input's memory format"
+    "`torch.cat((a, b), 1)` whose backward gives each input a dense gradient in that input's memory format"
+    # two named inputs, not `*ts`: under `torch.compile` and `no_grad`, PyTorch 2.14's dynamo traced a variadic
+    # autograd.Function as if it had been given its last input alone (the U-Net's next convolution then failed on the
+    # channel count; the test after `UNet` catches it)
     @staticmethod
-    def forward(ctx, *ts):
-        ctx.sizes, ctx.fmts = [t.shape[1] for t in ts], [_dense_format(t) for t in ts]
-        return torch.cat(ts, 1)
+    def forward(ctx, a, b):
+        ctx.sizes, ctx.fmts = (a.shape[1], b.shape[1]), (_dense_format(a), _dense_format(b))
+        return torch.cat((a, b), 1)
     @staticmethod
     def backward(ctx, g):
         return tuple(p.contiguous(memory_format=f) for p, f in zip(g.split(ctx.sizes, 1), ctx.fmts))
 
 def cat_channels(*ts:torch.Tensor) -> torch.Tensor:
     "Concatenate along channels like `torch.cat(ts, 1)`; in the backward pass each input gets a dense gradient, not a strided slice"
-    return _CatChannels.apply(*ts)
+    if not ts: raise DataError("cat_channels: expected at least one tensor")
+    out = ts[0]
+    for t in ts[1:]: out = _CatChannels.apply(out, t)
+    return out
 
 class UpBlock(nn.Module):
     "U-Net decoder level: 2×2 transposed conv `ni`→`nf` doubles the size, concat with the `nf`-channel skip, `double_conv`"

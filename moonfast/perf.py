@@ -146,8 +146,8 @@ class StepProfiler(Callback):
     "Time each training batch's phases (data, forward, loss, backward, step, other) and each training epoch"
     order, run_valid = 200, False
     def __init__(self): self.rows, self.epochs = [], []
-    def _now(self):
-        sync_device(self.learn.dls.device if getattr(self.learn.dls, 'device', None) is not None else 'cpu')
+    def _now(self):   # waits for the device that holds the model (in-memory `DataLoaders` name none)
+        sync_device(next(self.learn.model.parameters()).device)
         return time.perf_counter()
     def before_train(self):
         self._pm = PeakMemory().__enter__()
