@@ -19,6 +19,7 @@ from .models import UNet, resnet_course
 from .optim import FusedAdam
 from .perf import learner_step_rate, machine_info, cpu_label, cpu_class
 from .testing import fake_seg_dataset
+from fastprogress.fastprogress import progress_bar
 
 # %% auto #0
 __all__ = ['variant', 'default_variants', 'infer_variants', 'CompileModel', 'train_variants', 'device_checks', 'device_report']
@@ -128,6 +129,8 @@ def _check_batches(batches, warmup) -> list:
 def _check_reps(reps):
     if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1: raise DataError(f"reps={reps!r}: expected a positive int")
 
+def _bar(xs, on:bool): return progress_bar(xs, leave=False) if on else xs
+
 def _with_ratio(rows:list) -> pd.DataFrame:
     df = pd.DataFrame(rows); df.insert(3, 'x_first', df.img_s/df.img_s.iloc[0]); return df
 
@@ -136,19 +139,20 @@ def infer_variants(model:nn.Module, # the model (not changed: each variant runs 
                    variants:list=None, # from `variant` (default: `default_variants(device)`); the first is the reference
                    device=None, # default: CUDA if available, else CPU
                    reps:int=3, # rounds; each times every variant once, in turn
-                   warmup:int=1) -> pd.DataFrame: # untimed batches at the start of each timing
+                   warmup:int=1, # untimed batches at the start of each timing
+                   progress:bool=False) -> pd.DataFrame: # progress bars over the variants' setup and the rounds
     "Inference images/s of each variant of `model`, its ratio to the first's, and its largest deviation from the first's output"
     dev, xs = resolve_device(device), _check_batches(batches, warmup)
     _check_reps(reps)
     vs = list(variants or default_variants(dev))
     for v in vs: _check_for(v, dev, train=False)
     runs = []
-    for v in vs:   # every variant made (compiled, captured) and warm before any is timed
+    for v in _bar(vs, progress):   # every variant made (compiled, captured) and warm before any is timed
         t = time.perf_counter(); r = _Runner(model, v, dev, tuple(xs[0].shape))
         for x in xs[:warmup] or xs[:1]: r(x)
         sync_device(dev); runs.append((r, time.perf_counter() - t))
     rates = [[] for _ in vs]
-    for _ in range(reps):
+    for _ in _bar(range(reps), progress):
         for (r, _setup), rs in zip(runs, rates):
             sync_device(dev); t = time.perf_counter()
             for x in xs[warmup:]: r(x)
@@ -188,6 +192,7 @@ def train_variants(model:nn.Module, # the model (not changed: each variant train
                    reps:int=3, # rounds; each times every variant once, in turn
                    warmup:int=1, # untimed batches at the start of each timing
                    lr:float=1e-4, # learning rate of the timed steps
+                   progress:bool=False, # progress bars over the variants' setup and the rounds
                    **kwargs) -> pd.DataFrame: # passed to `build_learner` (`opt_func`, ...)
     "Training images/s of each variant of `model` as moonfast's `Learner` trains it, and its ratio to the first's"
     dev = resolve_device(device)
@@ -197,12 +202,12 @@ def train_variants(model:nn.Module, # the model (not changed: each variant train
     for v in vs: _check_for(v, dev, train=True)
     on_dev = [tuple(t.to(dev) for t in b[:2]) for b in batches]
     learns = []
-    for v in vs:
+    for v in _bar(vs, progress):
         t = time.perf_counter(); learn = _learner_for(model, v, on_dev, loss_func, dev, **kwargs)
         learner_step_rate(learn, on_dev, warmup, lr)   # kernels built or compiled, caches warm
         learns.append((learn, time.perf_counter() - t))
     rates = [[] for _ in vs]
-    for _ in range(reps):
+    for _ in _bar(range(reps), progress):
         for (learn, _setup), rs in zip(learns, rates): rs.append(learner_step_rate(learn, on_dev, warmup, lr))
     rows = [dict(variant=v['name'], bs=len(batches[0][0]), img_s=statistics.median(rs), setup_s=setup,
                  finite=all(bool(torch.isfinite(p).all()) for p in learn.model.parameters()))
@@ -274,8 +279,10 @@ def device_report(out, # folder for report.md and variants.csv (created)
                   compile:bool=None, # include `torch.compile` variants (default: on CUDA only), at the first batch size
                   checks:bool=True, # run `device_checks` first
                   device=None, # default: CUDA if available, else CPU
-                  log=print) -> pd.DataFrame: # progress messages (None: silent)
+                  log=print, # progress messages (None: silent)
+                  progress:bool=None) -> pd.DataFrame: # progress bars over each table's variants and rounds (default: when `log` is given)
     "moonfast's chain on the device, then every variant's inference and training images/s against plain fp32, written to `out`"
+    progress = log is not None if progress is None else progress
     dev, log = resolve_device(device), log or (lambda *a: None)
     tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
     bad = [t for t in tasks if t not in ('unet', 'classifier')]
@@ -297,24 +304,31 @@ def device_report(out, # folder for report.md and variants.csv (created)
         if frames: atomic_write(out/'variants.csv', lambda p: pd.concat(frames, ignore_index=True).to_csv(p, index=False))
     if checks:
         dc = device_checks(dev, log); parts += ['## moonfast on this device', '', to_markdown(dc), '']; write()
-    for task in tasks:
-        model, loss, targ = _task_parts(task, size)
-        for i, b in enumerate(bs or _REPORT_BS['cuda' if dev.type == 'cuda' else 'cpu'][task]):
-            g = torch.Generator().manual_seed(b)
-            batches = [(torch.randn(b, 3, size, size, generator=g), targ(b)) for _ in range(n_batches)]
-            comp = bool(compile if compile is not None else dev.type == 'cuda') and i == 0
-            for what, fn in (('inference', lambda: infer_variants(model, batches, default_variants(dev, compile=comp), dev, reps)),
-                             ('training', lambda: train_variants(model, batches, loss, default_variants(dev, True, comp), dev, reps))):
-                t = time.perf_counter()
-                try: df = fn()
-                except Exception as e:   # out of memory at a large batch, say: reported, and the rest still runs
-                    parts += [f"## {task} {what}, batch {b}: failed", '', f"`{type(e).__name__}: {str(e)[:300]}`", '']
-                    log(f"  {task} {what} bs {b}: FAILED {type(e).__name__}: {e}"); write(); continue
-                df.insert(0, 'pass', what); df.insert(0, 'task', task); frames.append(df)
-                shown = df.drop(columns=['task', 'pass', 'bs']).round(dict(img_s=1, x_first=2, setup_s=1))
-                if 'max_prob_diff' in shown: shown['max_prob_diff'] = shown.max_prob_diff.map(lambda v: f"{v:.1e}")
-                parts += [f"## {task} {what}, batch {b}", '', to_markdown(shown), '']
-                write()
-                best = df.loc[df.img_s.idxmax()]
-                log(f"  {task} {what} bs {b} ({time.perf_counter() - t:.0f} s): best {best.variant!r} {best.x_first:.2f}× plain fp32")
+    where = 'the first table'
+    try:
+        for task in tasks:
+            model, loss, targ = _task_parts(task, size)
+            for i, b in enumerate(bs or _REPORT_BS['cuda' if dev.type == 'cuda' else 'cpu'][task]):
+                g = torch.Generator().manual_seed(b)
+                batches = [(torch.randn(b, 3, size, size, generator=g), targ(b)) for _ in range(n_batches)]
+                comp = bool(compile if compile is not None else dev.type == 'cuda') and i == 0
+                for what, fn in (('inference', lambda: infer_variants(model, batches, default_variants(dev, compile=comp), dev, reps,
+                                                                      progress=progress)),
+                                 ('training', lambda: train_variants(model, batches, loss, default_variants(dev, True, comp), dev, reps,
+                                                                     progress=progress))):
+                    t, where = time.perf_counter(), f"{task} {what}, batch {b}"
+                    try: df = fn()
+                    except Exception as e:   # out of memory at a large batch, say: reported, and the rest still runs
+                        parts += [f"## {task} {what}, batch {b}: failed", '', f"`{type(e).__name__}: {str(e)[:300]}`", '']
+                        log(f"  {task} {what} bs {b}: FAILED {type(e).__name__}: {e}"); write(); continue
+                    df.insert(0, 'pass', what); df.insert(0, 'task', task); frames.append(df)
+                    shown = df.drop(columns=['task', 'pass', 'bs']).round(dict(img_s=1, x_first=2, setup_s=1))
+                    if 'max_prob_diff' in shown: shown['max_prob_diff'] = shown.max_prob_diff.map(lambda v: f"{v:.1e}")
+                    parts += [f"## {task} {what}, batch {b}", '', to_markdown(shown), '']
+                    write()
+                    best = df.loc[df.img_s.idxmax()]
+                    log(f"  {task} {what} bs {b} ({time.perf_counter() - t:.0f} s): best {best.variant!r} {best.x_first:.2f}× plain fp32")
+    except KeyboardInterrupt:   # Ctrl-C, or a time limit's SIGINT: the finished tables stay, and say so
+        parts += ['## Stopped', '', f"Interrupted during {where}: the tables above are complete.", '']; write()
+        raise KeyboardInterrupt(f"stopped during {where}; the finished tables are in {out/'report.md'}") from None
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
