@@ -783,5 +783,6 @@ d = { 'settings': { 'branch': 'main',
                                    'moonfast.variants.device_checks': ('variants.html#device_checks', 'moonfast/variants.py'),
                                    'moonfast.variants.device_report': ('variants.html#device_report', 'moonfast/variants.py'),
                                    'moonfast.variants.infer_variants': ('variants.html#infer_variants', 'moonfast/variants.py'),
+                                   'moonfast.variants.plot_variants': ('variants.html#plot_variants', 'moonfast/variants.py'),
                                    'moonfast.variants.train_variants': ('variants.html#train_variants', 'moonfast/variants.py'),
                                    'moonfast.variants.variant': ('variants.html#variant', 'moonfast/variants.py')}}}

@@ -22,7 +22,8 @@ from .testing import fake_seg_dataset
 from fastprogress.fastprogress import progress_bar
 
 # %% auto #0
-__all__ = ['variant', 'default_variants', 'infer_variants', 'CompileModel', 'train_variants', 'device_checks', 'device_report']
+__all__ = ['variant', 'default_variants', 'infer_variants', 'CompileModel', 'train_variants', 'device_checks', 'plot_variants',
+           'device_report']
 
 # %% ../nbs/20b_variants.ipynb #4c2d3edc
 _AMP = (None, 'bf16', 'fp16')
@@ -262,6 +263,41 @@ def device_checks(device=None, # where to run: default CUDA if available, else C
             log(f"  {name}: {'PASS' if not err else 'FAIL ' + err}")
     return pd.DataFrame(rows)
 
+# %% ../nbs/20b_variants.ipynb #16380424
+_PLOT_COLS = ('task', 'pass', 'variant', 'bs', 'x_first')
+
+def plot_variants(df, # `device_report`'s table, or the path of its variants.csv
+                  fname=None, # save the figure here (atomically) when given
+                  title:str=None): # the figure's title
+    "Bars of each variant's images/s over plain fp32's, a panel per model and pass, a bar per batch size; returns the figure"
+    import matplotlib.pyplot as plt
+    df = pd.read_csv(df) if isinstance(df, (str, Path)) else pd.DataFrame(df)
+    if missing := [c for c in _PLOT_COLS if c not in df.columns]:
+        raise DataError(f"plot_variants: columns {missing} missing from the table (it has {list(df.columns)}); expected device_report's")
+    if df.empty: raise DataError("plot_variants: the table has no rows")
+    groups = list(dict.fromkeys(zip(df['task'], df['pass'])))
+    fig, axs = plt.subplots(1, len(groups), figsize=(6.5*len(groups), 0.9 + 0.45*df.groupby(['task', 'pass']).variant.nunique().max()*df.bs.nunique()), squeeze=False)
+    for ax, (task, what) in zip(axs[0], groups):
+        g = df[(df.task == task) & (df['pass'] == what)]
+        names, sizes = list(dict.fromkeys(g.variant)), sorted(g.bs.unique())
+        h = 0.8/len(sizes)
+        for j, b in enumerate(sizes):
+            r = g[g.bs == b].set_index('variant').reindex(names)
+            ys = np.arange(len(names)) + (j - (len(sizes) - 1)/2)*h
+            ax.barh(ys, r.x_first, height=h, label=f"batch {b}")
+            for y, v in zip(ys, r.x_first):
+                if np.isfinite(v): ax.text(v, y, f" {v:.2f}×", va='center', fontsize=8)
+        ax.axvline(1, color='grey', ls=':', lw=1)
+        ax.set_yticks(np.arange(len(names)), names); ax.invert_yaxis()
+        ax.set_xlabel('images/s over plain fp32'); ax.set_title(f"{task} {what}"); ax.grid(axis='x', alpha=.3)
+        ax.set_xlim(0, 1.18*np.nanmax(g.x_first))
+        if len(sizes) > 1: ax.legend(fontsize=8)
+    if title: fig.suptitle(title)
+    fig.tight_layout()
+    if fname is not None: atomic_write(Path(fname), lambda p: fig.savefig(p, dpi=90, format='png'))
+    plt.close(fig)
+    return fig
+
 # %% ../nbs/20b_variants.ipynb #486f5222
 _REPORT_BS = {'cuda': {'unet': (16, 64, 256), 'classifier': (128, 512)}, 'cpu': {'unet': (16,), 'classifier': (128,)}}
 
@@ -292,16 +328,19 @@ def device_report(out, # folder for report.md and variants.csv (created)
     if n_batches < 2: raise DataError(f"n_batches={n_batches}: expected at least 2 (one untimed)")
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     info = machine_info(dev)
-    head = [f"# moonfast variants on {info['device'] if dev.type == 'cuda' else info['cpu']}", "",
+    held = ''.join(f", held by {k}={v}" for k, v in info['isa_env'].items())
+    head = [f"# moonfast variants on {info['device'] if dev.type == 'cuda' else info['cpu'] + held}", "",
             f"CPU {info['cpu']}, {info['cores']} cores (torch threads {info['torch_threads']})"
-            + ''.join(f", held by {k}={v}" for k, v in info['isa_env'].items()) + f"; device {info['device']}; "
+            + held + f"; device {info['device']}; "
             f"Python {info['python']}, torch {info['torch']}, fastai {info['fastai']}. Inputs {size}², {n_batches} batches a "
             f"timing (one untimed), medians of {reps} rounds; `x_first`: images/s over the first row's (plain fp32, "
             f"contiguous: the baseline's way); `max_prob_diff`: largest change of a rock probability against it.", ""]
     parts, frames = [], []
     def write():
         atomic_write(out/'report.md', lambda p: p.write_text('\n'.join(head + parts) + '\n'))
-        if frames: atomic_write(out/'variants.csv', lambda p: pd.concat(frames, ignore_index=True).to_csv(p, index=False))
+        if frames:
+            atomic_write(out/'variants.csv', lambda p: pd.concat(frames, ignore_index=True).to_csv(p, index=False))
+            plot_variants(pd.concat(frames, ignore_index=True), out/'variants.png', title=head[0][2:])
     if checks:
         dc = device_checks(dev, log); parts += ['## moonfast on this device', '', to_markdown(dc), '']; write()
     where = 'the first table'
