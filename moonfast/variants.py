@@ -17,7 +17,7 @@ from .learners import build_learner, cpu_bf16_supported, seg_learner, train_run,
 from .metrics import BCEDiceLoss
 from .models import UNet, resnet_course
 from .optim import FusedAdam
-from .perf import learner_step_rate, machine_info, cpu_label, cpu_class
+from .perf import learner_step_rate, machine_info, _DTYPES
 from .testing import fake_seg_dataset
 from fastprogress.fastprogress import progress_bar
 
@@ -28,7 +28,6 @@ __all__ = ['variant', 'default_variants', 'infer_variants', 'CompileModel', 'tra
 # %% ../nbs/20b_variants.ipynb #4c2d3edc
 _AMP = (None, 'bf16', 'fp16')
 _COMPILE = (None, 'default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
-_DT = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 def variant(name:str, # how the tables name it
             amp:str|None=None, # autocast dtype: None (fp32), 'bf16' or 'fp16' (fp16 on CUDA only)
@@ -87,7 +86,7 @@ def _prepared(model:nn.Module, v:dict, dev, train:bool) -> nn.Module:
     m = copy.deepcopy(model).to(dev).train(train)
     if v['speedups']: speed_up(m)
     if v['channels_last']: m = m.to(memory_format=torch.channels_last)
-    if v['weights']: m = m.to(_DT[v['weights']])
+    if v['weights']: m = m.to(_DTYPES[v['weights']])
     return m
 
 class _Runner:
@@ -105,11 +104,11 @@ class _Runner:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph), torch.no_grad(): self.out = self._body(self.x)
     def _body(self, x):
-        with torch.autocast(self.dev.type, dtype=_DT.get(self.v['amp'], torch.float32), enabled=self.v['amp'] is not None):
+        with torch.autocast(self.dev.type, dtype=_DTYPES[self.v['amp'] or 'fp32'], enabled=self.v['amp'] is not None):
             return self.fwd(x)
     def _input(self, x):
         x = x.to(self.dev, non_blocking=True)
-        if self.v['weights']: x = x.to(_DT[self.v['weights']])
+        if self.v['weights']: x = x.to(_DTYPES[self.v['weights']])
         return x.contiguous(memory_format=torch.channels_last) if self.v['channels_last'] and x.dim() == 4 else x
     @torch.no_grad()
     def __call__(self, x):
