@@ -19,7 +19,7 @@ from .perf import *
 
 # %% auto #0
 __all__ = ['TASKS', 'BENCH_SYNTH', 'TARGETS', 'bench_data', 'bench_task', 'summarize', 'ratios', 'profile_table', 'check_targets',
-           'bench_overview', 'run_benchmark', 'report_markdown']
+           'bench_overview', 'default_bench_dir', 'run_benchmark', 'report_markdown']
 
 # %% ../nbs/20_bench.ipynb #26fc0444
 TASKS = ('classifier', 'unet')
@@ -242,9 +242,14 @@ def bench_overview(runs:list, # (label, folder, note) a run: its CPU class and p
         rows.append(row)
     return pd.DataFrame(rows)
 
+# %% ../nbs/20_bench.ipynb #8133a2dd
+def default_bench_dir(precision:str='auto') -> Path: # moonfast's precision, as `run_benchmark` takes it
+    "The folder a benchmark writes to when given none: `models/runs/bench-<precision>`, outside the committed records"
+    return models_path('runs', f'bench-{resolve_precision(precision)}')
+
 # %% ../nbs/20_bench.ipynb #1a83b521
 def run_benchmark(tasks=TASKS, # which models: 'classifier', 'unet'
-                  out=None, # output folder (default models/bench)
+                  out=None, # output folder (default `default_bench_dir(precision)`, which git ignores)
                   data=None, # classifier: Tiny ImageNet-layout folder (default: found, else the procedural set)
                   seg_data=None, # U-Net: segmentation folder (default: the generated lunar set, made if missing)
                   precision:str='auto', # moonfast's precision: 'auto', 'fp32' or 'bf16' (the baseline stays fp32)
@@ -264,7 +269,7 @@ def run_benchmark(tasks=TASKS, # which models: 'classifier', 'unet'
     if precision not in ('auto', 'fp32', 'bf16'): raise DataError(f"precision={precision!r}: expected 'auto', 'fp32' or 'bf16'")
     old = torch.get_num_threads()
     if threads is not None: torch.set_num_threads(threads)
-    try: return _run_benchmark(tasks, Path(out) if out is not None else models_path('bench'), dict(classifier=data, unet=seg_data),
+    try: return _run_benchmark(tasks, Path(out) if out is not None else default_bench_dir(precision), dict(classifier=data, unet=seg_data),
                                precision, epochs, reps, n_batches, size, max_per_class, matmul_n, log or (lambda *a: None), **kwargs)
     finally: torch.set_num_threads(old)
 

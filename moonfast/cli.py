@@ -279,7 +279,7 @@ def export(run:str, # a run folder (from train-unet/compare/train-classifier), a
 # %% ../nbs/99_cli.ipynb #8c4a466f
 @call_parse
 def bench(tasks:str='classifier,unet', # comma-separated: classifier, unet
-          out:str=None, # output folder (default models/bench)
+          out:str=None, # output folder (default models/runs/bench-<precision>, which git ignores)
           data:str=None, # Tiny ImageNet folder for the classifier (default: a found tiny-imagenet-10, else the procedural set)
           seg_data:str=None, # segmentation folder for the U-Net (default: the generated lunar set)
           precision:str='auto', # moonfast's precision: auto, fp32 or bf16 (the baseline stays fp32)
@@ -288,9 +288,8 @@ def bench(tasks:str='classifier,unet', # comma-separated: classifier, unet
           max_per_class:int=None, # classifier: fewer training images per class (quick runs)
           threads:int=None): # torch threads for the run (default: torch's own setting)
     "Benchmark training and inference speed of moonfast against a plain-PyTorch fp32 baseline, side by side"
-    from moonfast.bench import run_benchmark, TASKS
-    from moonfast.core import models_path
-    o, ts = _path(out) or models_path('bench'), tuple(t for t in tasks.split(',') if t)
+    from moonfast.bench import run_benchmark, default_bench_dir, TASKS
+    o, ts = _path(out) or default_bench_dir(precision), tuple(t for t in tasks.split(',') if t)
     bad = [t for t in ts if t not in TASKS]
     if bad or not ts: raise DataError(f"--tasks {tasks!r}: expected a comma-separated list of {TASKS}")
     run_benchmark(ts, out=o, data=_path(data), seg_data=_path(seg_data), precision=precision, epochs=epochs, reps=reps,
